@@ -1,0 +1,5 @@
+import sys
+
+from tarflow.cli import main
+
+sys.exit(main())

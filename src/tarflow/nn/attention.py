@@ -1,0 +1,104 @@
+"""Causal multi-head self-attention with a preallocated key/value cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KVCache:
+    """Keys and values of earlier tokens, stored in buffers allocated once.
+
+    Incremental decoding writes the keys and values of new tokens at ``length`` and reads
+    back everything up to them, so no step concatenates tensors. Writing does not move
+    ``length``: the caller calls :meth:`advance` once the written tokens are final. This
+    lets an iterative solver rewrite the same positions several times before committing.
+
+    Arguments:
+        batch: number of sequences.
+        heads: attention heads.
+        max_length: the longest sequence the cache holds.
+        head_dim: channels per head.
+        dtype: storage dtype (the dtype attention runs in).
+        device: storage device.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (batch, heads, max_length, head_dim)
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[2]
+
+    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Stores ``k`` and ``v`` (B, heads, n, head_dim) after the committed tokens.
+
+        Returns:
+            Views of all keys and values up to and including the new ones.
+        """
+        end = self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(
+                f"KVCache overflow: {end} tokens requested but the cache holds "
+                f"{self.max_length}; allocate a longer cache."
+            )
+        self.keys[:, :, self.length : end] = k
+        self.values[:, :, self.length : end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Commits the ``n`` tokens written last."""
+        self.length += n
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where token t attends to tokens 0..t.
+
+    Arguments:
+        width: model width.
+        heads: number of heads; must divide ``width``.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        if width % heads != 0:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, h: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Attends causally over ``h`` (B, L, width).
+
+        With a cache, ``h`` holds the tokens that follow the committed ones; they attend to
+        the cached tokens and causally among themselves.
+        """
+        b, n, _ = h.shape
+        q, k, v = self.qkv(h).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            past = cache.length
+            k, v = cache.write(k, v)
+            if n == 1:
+                out = F.scaled_dot_product_attention(q, k, v)
+            else:
+                rows = torch.arange(n, device=h.device)[:, None] + past
+                mask = torch.arange(past + n, device=h.device)[None, :] <= rows
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))

@@ -1,0 +1,139 @@
+"""Training: exact resume, atomic checkpoints, strict loading, clear failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tarflow.config import load_config
+from tarflow.train import checkpoint as checkpoint_module
+from tarflow.train import load_run, train
+from tarflow.train.checkpoint import CheckpointError, latest_checkpoint
+from tarflow.train.schedule import warmup_cosine
+
+TINY = Path(__file__).parent.parent / "configs" / "digits_tiny.yaml"
+
+
+def tiny_config(**train_overrides):
+    overrides = [f"train.{k}={v}" for k, v in train_overrides.items()]
+    return load_config(TINY, ["train.steps=8", "train.checkpoint_every=100", *overrides])
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    config = tiny_config()
+    train(config, tmp_path / "once", progress=False)
+    train(config, tmp_path / "split", progress=False, stop_at=4)
+    assert latest_checkpoint(tmp_path / "split").name == "step-00000004"
+    train(config, tmp_path / "split", resume=True, progress=False)
+
+    once, split = load_run(tmp_path / "once"), load_run(tmp_path / "split")
+    for a, b in [(once.model, split.model), (once.ema_model, split.ema_model)]:
+        for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), name
+    opt_a, opt_b = once.state["optimizer"]["state"], split.state["optimizer"]["state"]
+    assert all(torch.equal(opt_a[k]["exp_avg_sq"], opt_b[k]["exp_avg_sq"]) for k in opt_a)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "split" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint(tmp_path):
+    config = tiny_config(log_every=1)
+    train(config, tmp_path, progress=False, stop_at=4)
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # lines of steps lost in a crash
+        f.write(json.dumps({"step": 5, "loss": 0.0}) + "\n")
+    train(config, tmp_path, resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, 9))
+
+
+def test_checkpoint_round_trip_and_bf16_training(tmp_path):
+    config = tiny_config(precision="bf16", steps=3)
+    model = train(config, tmp_path, progress=False)
+    run = load_run(tmp_path)
+    assert run.config == config
+    for p, q in zip(model.state_dict().values(), run.ema_model.state_dict().values()):
+        assert torch.equal(p, q)
+    assert run.state["step"] == 3
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    train(tiny_config(checkpoint_every=2), tmp_path, progress=False)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["latest", "step-00000006", "step-00000008"]
+
+
+def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(steps=4, checkpoint_every=2)
+    real_save = checkpoint_module.save_file
+    calls = {"n": 0}
+
+    def failing_save(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 3:  # first file of the second checkpoint
+            raise OSError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(config, tmp_path, progress=False)
+    entries = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert entries == ["latest", "step-00000002"]
+    assert load_run(tmp_path).state["step"] == 2
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    train(tiny_config(steps=2), tmp_path, progress=False)
+    weights = latest_checkpoint(tmp_path) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_run(tmp_path)
+
+
+def test_loading_is_strict(tmp_path):
+    train(tiny_config(steps=2), tmp_path, progress=False)
+    folder = latest_checkpoint(tmp_path)
+    tensors = load_file(folder / "ema.safetensors")
+    tensors["extra.weight"] = torch.zeros(1)
+    save_file(tensors, folder / "ema.safetensors")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"]["ema.safetensors"] = checkpoint_module.sha256(folder / "ema.safetensors")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        load_run(tmp_path)
+
+
+def test_missing_run_is_reported(tmp_path):
+    with pytest.raises(CheckpointError, match="has no checkpoint"):
+        load_run(tmp_path)
+
+
+def test_existing_run_needs_resume_and_matching_config(tmp_path):
+    train(tiny_config(steps=2), tmp_path, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(steps=2), tmp_path, progress=False)
+    other = load_config(TINY, ["train.steps=4", "model.width=16"])
+    with pytest.raises(CheckpointError, match="differs"):
+        train(other, tmp_path, resume=True, progress=False)
+
+
+def test_data_and_model_mismatch_is_reported(tmp_path):
+    config = load_config(TINY, ["model.image_size=16"])
+    with pytest.raises(ValueError, match="set model.image_size"):
+        train(config, tmp_path, progress=False)
+
+
+def test_bad_stop_at(tmp_path):
+    with pytest.raises(ValueError, match="stop_at must lie in"):
+        train(tiny_config(), tmp_path, progress=False, stop_at=9)
+
+
+def test_warmup_cosine_schedule():
+    values = [warmup_cosine(s, 100, 10, 0.1) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
