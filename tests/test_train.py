@@ -137,3 +137,21 @@ def test_warmup_cosine_schedule():
     assert values[10] == pytest.approx(1.0)
     assert values[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_non_finite_loss_stops_without_updating(tmp_path):
+    from tarflow.models.image_flow import ImageFlow
+    from tarflow.train.ema import EMA
+    from tarflow.train.trainer import training_step
+
+    config = tiny_config()
+    model = ImageFlow(config.model)
+    with torch.no_grad():
+        model.flow.transforms[0].head.bias.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters())
+    x, y = torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(FloatingPointError, match="not updated"):
+        training_step(model, optimizer, EMA(model, 0.9), x, y, config)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)

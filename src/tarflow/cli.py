@@ -1,4 +1,4 @@
-"""Command line: ``tarflow train | sample | eval``."""
+"""Command line: ``tarflow train | sample | eval | plot``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,19 @@ import torch
 from tarflow.config import ConfigError, load_config
 from tarflow.data import load_dataset
 from tarflow.evaluate.bits_per_dim import evaluate_bits_per_dim
+from tarflow.evaluate.report import (
+    METRIC_HELP,
+    evaluate_run,
+    format_table,
+    parse_metrics,
+    write_report,
+)
 from tarflow.image_grid import save_image_grid
+from tarflow.plots import plot_guidance_sweep, plot_training_curves
 from tarflow.sampling.denoise import tweedie_denoise
 from tarflow.sampling.guidance import RULES, Guidance
-from tarflow.train.checkpoint import CheckpointError, load_run
+from tarflow.sampling.solvers import SOLVERS, Solver, load_or_calibrate
+from tarflow.train.checkpoint import CheckpointError, LoadedRun, load_run
 from tarflow.train.trainer import train
 
 log = logging.getLogger("tarflow")
@@ -38,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument(
-        "--stop-at", type=int, default=None, metavar="STEP",
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
         help="stop after STEP with a checkpoint (resume later to finish)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -54,24 +66,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="prior temperature")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-denoise", action="store_true", help="skip the Tweedie step")
+    p.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default="sequential",
+        help="inverse solver of each block; selective calibrates once per batch size and "
+        "guidance, saved in RUN/solver-calibration.json",
+    )
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=Solver.tol,
+        help="relative change at which a sample stops iterating (Jacobi solvers)",
+    )
+    p.add_argument(
+        "--max-iters",
+        type=int,
+        default=None,
+        help="most Jacobi iterations per chunk (default: the chunk length, exact)",
+    )
+    p.add_argument(
+        "--chunk-size", type=int, default=Solver.chunk_size, help="tokens per gs-jacobi chunk"
+    )
 
-    p = commands.add_parser("eval", help="test-set bits/dim of a trained run")
+    p = commands.add_parser(
+        "eval",
+        help="bits/dim and sample metrics of a trained run",
+        description="Without --metrics: test-set bits/dim, printed as one JSON line. With "
+        "--metrics or --sweep-guidance: a table of the chosen metrics, each with its sample "
+        "count. Both write RUN/eval-SPLIT.json. Metrics: "
+        + "; ".join(f"{name}: {text}" for name, text in METRIC_HELP.items()),
+    )
     p.add_argument("run", help="run directory")
     p.add_argument("--split", default="test", choices=("train", "test"))
+    p.add_argument("--metrics", default=None, help="comma-separated, e.g. bpd,fid,fd,pr,accuracy")
+    p.add_argument("--num-samples", type=int, default=1000, help="images drawn for sample metrics")
+    p.add_argument(
+        "--num-reference",
+        type=int,
+        default=None,
+        help="real images behind FID/FD statistics (default: the whole split; cached)",
+    )
+    p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w of the draws")
+    p.add_argument(
+        "--sweep-guidance",
+        default=None,
+        metavar="W,W,...",
+        help="evaluate the sample metrics at each weight and plot them against w",
+    )
+    p.add_argument("--guidance-rule", choices=RULES, default="extrapolate")
+    p.add_argument("--temperature", type=float, default=1.0, help="prior temperature")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images")
     p.add_argument("--draws", type=int, default=1, help="importance-weighted dequantization draws")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    p = commands.add_parser("plot", help="training curves (and a saved guidance sweep) as PNG")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--split", default="test", choices=("train", "test"))
     return parser
 
 
 def command_train(args: argparse.Namespace) -> None:
     run_dir = Path(args.out)
     config = load_config(args.config, args.set)
-    train(
-        config, run_dir, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at
+    train(config, run_dir, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at)
+    print(
+        f"checkpoints written to {run_dir / 'checkpoints'}; metrics in {run_dir / 'metrics.jsonl'}"
     )
-    print(f"checkpoints written to {run_dir / 'checkpoints'}; metrics in {run_dir / 'metrics.jsonl'}")
 
 
 def command_sample(args: argparse.Namespace) -> None:
@@ -98,8 +161,19 @@ def command_sample(args: argparse.Namespace) -> None:
         columns = max(1, int(args.num**0.5))
 
     guidance = Guidance(args.guidance, args.guidance_rule, args.guidance_ramp)
+    solver = Solver(args.solver, args.tol, args.max_iters, args.chunk_size)
+    num = len(y) if y is not None else args.num
+    if solver.name == "selective":
+        path = Path(args.run) / "solver-calibration.json"
+        load_or_calibrate(model, path, num, y, guidance, solver)
     generator = torch.Generator().manual_seed(args.seed)
-    x = model.sample(len(y) if y is not None else args.num, y, args.temperature, guidance, generator)
+    x, stats = model.sample_with_stats(num, y, args.temperature, guidance, generator, solver)
+    for i, block in enumerate(stats):
+        per_sample = block.iterations_per_sample.float()
+        log.info(
+            "block %d (noise side first): %s, %d Transformer passes, %.1f mean / %d max per "
+            "sample", i, block.solver, block.passes, per_sample.mean(), per_sample.max()
+        )
     if not args.no_denoise and config.train.noise == "gaussian":
         x = tweedie_denoise(model, x, config.train.noise_std, y)
     out = Path(args.out) if args.out else Path(args.run) / "samples.png"
@@ -109,6 +183,9 @@ def command_sample(args: argparse.Namespace) -> None:
 
 def command_eval(args: argparse.Namespace) -> None:
     run = load_run(args.run, with_state=False)
+    if args.metrics is not None or args.sweep_guidance is not None:
+        command_eval_metrics(args, run)
+        return
     config = run.config
     data = load_dataset(config.data.dataset, config.data.root, args.split)
     if args.limit is not None and args.limit < 1:
@@ -122,7 +199,55 @@ def command_eval(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-COMMANDS = {"train": command_train, "sample": command_sample, "eval": command_eval}
+def command_eval_metrics(args: argparse.Namespace, run: LoadedRun) -> None:
+    metrics = parse_metrics(args.metrics or "fd,pr,accuracy")
+    weights = [args.guidance]
+    if args.sweep_guidance is not None:
+        if args.guidance:
+            raise ValueError("give either --guidance or --sweep-guidance, not both")
+        try:
+            weights = [float(w) for w in args.sweep_guidance.split(",")]
+        except ValueError as err:
+            raise ValueError(f"--sweep-guidance takes numbers like 0,1,2: {err}") from err
+    report = evaluate_run(
+        run,
+        metrics,
+        split=args.split,
+        num_samples=args.num_samples,
+        guidance_weights=weights,
+        guidance_rule=args.guidance_rule,
+        temperature=args.temperature,
+        limit=args.limit,
+        draws=args.draws,
+        num_reference=args.num_reference,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    run_dir = Path(args.run)
+    print(format_table(report))
+    print(f"wrote {write_report(report, run_dir / f'eval-{args.split}.json')}")
+    if "sweep" in report:
+        print(f"wrote {plot_guidance_sweep(report, run_dir / f'guidance-sweep-{args.split}.png')}")
+
+
+def command_plot(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run)
+    print(f"wrote {plot_training_curves(run_dir)}")
+    report_path = run_dir / f"eval-{args.split}.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        if "sweep" in report:
+            out = plot_guidance_sweep(report, run_dir / f"guidance-sweep-{args.split}.png")
+            print(f"wrote {out}")
+
+
+COMMANDS = {
+    "train": command_train,
+    "sample": command_sample,
+    "eval": command_eval,
+    "plot": command_plot,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (
+        ConfigError,
+        CheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        ImportError,
+    ) as err:
         print(f"tarflow {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -58,6 +58,8 @@ class TrainConfig:
         noise_std: σ of the Gaussian augmentation, for data in [−1, 1].
         label_drop_prob: probability of replacing a label by the null class.
         checkpoint_every: steps between checkpoints (a checkpoint is also written at the end).
+        checkpoint_samples: images per class in the sample grid saved with every checkpoint
+            as ``samples/step-N.png`` (0: none; unconditional models get 10× as many).
         log_every: steps between lines of ``metrics.jsonl``.
         seed: seed of every random choice of the run.
         threads: CPU threads for PyTorch (0 leaves PyTorch's default).
@@ -78,6 +80,7 @@ class TrainConfig:
     noise_std: float = 0.1
     label_drop_prob: float = 0.1
     checkpoint_every: int = 500
+    checkpoint_samples: int = 0
     log_every: int = 10
     seed: int = 0
     threads: int = 0
@@ -96,6 +99,7 @@ class TrainConfig:
             (self.noise_std >= 0, "train.noise_std must be >= 0"),
             (0 <= self.label_drop_prob < 1, "train.label_drop_prob must lie in [0, 1)"),
             (self.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
+            (self.checkpoint_samples >= 0, "train.checkpoint_samples must be >= 0"),
             (self.log_every > 0, "train.log_every must be > 0"),
             (self.threads >= 0, "train.threads must be >= 0"),
             (self.precision in ("float32", "bf16"), "train.precision must be float32 or bf16"),

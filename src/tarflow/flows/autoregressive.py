@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from tarflow.flows.base import Transform
 from tarflow.nn import KVCache, TransformerLayer
 from tarflow.sampling.guidance import Guidance
+from tarflow.sampling.solvers import Solver, invert_block
 
 
 class AutoregressiveBlock(Transform):
@@ -20,8 +21,9 @@ class AutoregressiveBlock(Transform):
 
     - :meth:`forward`, data → noise: z_t = (x_t − μ_t(x_<t)) · exp(−a_t(x_<t)), all tokens
       in one parallel pass; log|det| = −Σ_t Σ_j a_{t,j} per sample.
-    - :meth:`inverse`, noise → data: x_t = z_t · exp(a_t(x_<t)) + μ_t(x_<t), sequential in
-      t, reusing the keys and values of earlier tokens from a preallocated cache.
+    - :meth:`inverse`, noise → data: x_t = z_t · exp(a_t(x_<t)) + μ_t(x_<t), by default
+      sequential in t, reusing the keys and values of earlier tokens from a preallocated
+      cache; Jacobi-type solvers update many tokens per pass instead.
 
     The output projection starts at zero, so a new block is the identity. The log-scale
     is bounded softly, a = c·tanh(â/c), so exp(a) cannot overflow. μ and a are computed
@@ -132,31 +134,16 @@ class AutoregressiveBlock(Transform):
         ]
 
     def inverse(
-        self, z: Tensor, y: Tensor | None = None, guidance: Guidance | None = None
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        guidance: Guidance | None = None,
+        solver: Solver | str = "sequential",
     ) -> Tensor:
-        """Noise → data, one token at a time with cached keys and values.
+        """Noise → data with the chosen solver (see :mod:`tarflow.sampling.solvers`); the
+        default decodes one token at a time with cached keys and values.
 
         With ``guidance`` (conditioned blocks only), the conditional and unconditional
         predictions come from one batch of 2B and are combined per token.
         """
-        b, t_count, _ = z.shape
-        guided = guidance is not None and guidance.weight > 0 and self.conditioned
-        if guided:
-            assert y is not None
-            y = torch.cat([y, torch.full_like(y, self.null_class)])
-        batch = 2 * b if guided else b
-
-        caches = self.new_caches(batch, z.dtype, z.device)
-        x = torch.empty_like(z)
-        inputs = self.start.expand(batch, -1, -1).to(z.dtype)
-        for t in range(t_count):
-            mu, a = self.predict(inputs, y, offset=t, caches=caches)
-            for cache in caches:
-                cache.advance(1)
-            if guided:
-                w = guidance.weight_at(torch.tensor([t], device=z.device), t_count)
-                mu, a = guidance.combine(mu[:b], a[:b], mu[b:], a[b:], w)
-            x_t = z[:, t : t + 1] * torch.exp(a) + mu
-            x[:, t : t + 1] = x_t
-            inputs = self.embed(torch.cat([x_t, x_t]) if guided else x_t)
-        return x
+        return invert_block(self, z, y, guidance, solver)[0]

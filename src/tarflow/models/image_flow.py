@@ -15,6 +15,7 @@ from tarflow.flows import (
     TokenPermutation,
 )
 from tarflow.sampling.guidance import Guidance
+from tarflow.sampling.solvers import Calibration, Solver, SolverStats, invert_block
 
 # Inputs are images scaled to [-1, 1] plus augmentation noise; far larger values mean raw
 # pixel values were passed in.
@@ -90,6 +91,8 @@ class ImageFlow(nn.Module):
         (torch.Size([5, 4, 16]), torch.Size([5]))
         >>> torch.allclose(model.inverse(z, y), x, atol=1e-5)
         True
+        >>> torch.allclose(model.inverse(z, y, solver="jacobi"), x, atol=1e-5)
+        True
         >>> model.sample(2, y=torch.tensor([2, 2])).shape
         torch.Size([2, 1, 8, 8])
     """
@@ -119,6 +122,8 @@ class ImageFlow(nn.Module):
             )
         self.flow = FlowSequence(transforms)
         self.prior = StandardGaussian()
+        # Per-block choices of the "selective" solver; set by tarflow.sampling.calibrate.
+        self.solver_calibration: Calibration | None = None
 
     @property
     def num_classes(self) -> int:
@@ -131,6 +136,11 @@ class ImageFlow(nn.Module):
     @property
     def token_shape(self) -> tuple[int, int]:
         return self.patchify.num_tokens, self.patchify.token_dim
+
+    @property
+    def blocks(self) -> list[AutoregressiveBlock]:
+        """The autoregressive blocks, data side first."""
+        return [t for t in self.flow.transforms if isinstance(t, AutoregressiveBlock)]
 
     def check_images(self, x: Tensor) -> None:
         """Raises a ValueError naming what is wrong with a batch of input images."""
@@ -192,18 +202,59 @@ class ImageFlow(nn.Module):
         return self.prior.log_prob(z) + log_det
 
     def inverse(
-        self, z: Tensor, y: Tensor | None = None, guidance: Guidance | None = None
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        guidance: Guidance | None = None,
+        solver: Solver | str = "sequential",
     ) -> Tensor:
-        """Noise → data: tokens z (B, T, d) to images (B, C, H, W)."""
+        """Noise → data: tokens z (B, T, d) to images (B, C, H, W).
+
+        ``solver`` picks how each autoregressive block is inverted, a name from
+        :data:`tarflow.sampling.SOLVERS` or a :class:`tarflow.sampling.Solver` with its
+        tolerances; ``"selective"`` needs :func:`tarflow.sampling.calibrate` first.
+        """
+        return self.inverse_with_stats(z, y, guidance, solver)[0]
+
+    def inverse_with_stats(
+        self,
+        z: Tensor,
+        y: Tensor | None = None,
+        guidance: Guidance | None = None,
+        solver: Solver | str = "sequential",
+    ) -> tuple[Tensor, list[SolverStats]]:
+        """:meth:`inverse`, also returning what the solver did in each block, in the order
+        the blocks are inverted (the block next to the prior first)."""
+        solver = Solver.of(solver)
         if z.shape[1:] != self.token_shape:
             raise ValueError(f"z must have shape (B, {self.token_shape}), got {tuple(z.shape)}")
         self.check_labels(y, z.shape[0])
+        calibration = self.solver_calibration
+        if solver.name == "selective":
+            if calibration is None:
+                raise ValueError(
+                    "solver 'selective' needs a calibration: run "
+                    "tarflow.sampling.calibrate(model, ...) or load one with "
+                    "tarflow.sampling.load_or_calibrate"
+                )
+            if len(calibration.choices) != len(self.blocks):
+                raise ValueError(
+                    f"the calibration holds {len(calibration.choices)} block choices but "
+                    f"this model has {len(self.blocks)} blocks"
+                )
+
+        stats = []
         for transform in reversed(self.flow.transforms):
             if isinstance(transform, AutoregressiveBlock):
-                z = transform.inverse(z, y, guidance=guidance)
+                block_solver = solver
+                if solver.name == "selective":
+                    assert calibration is not None
+                    block_solver = calibration.solver_for(len(stats), solver)
+                z, block_stats = invert_block(transform, z, y, guidance, block_solver)
+                stats.append(block_stats)
             else:
                 z = transform.inverse(z, y)
-        return self.patchify.inverse(z)
+        return self.patchify.inverse(z), stats
 
     @torch.no_grad()
     def sample(
@@ -213,12 +264,28 @@ class ImageFlow(nn.Module):
         temperature: float = 1.0,
         guidance: Guidance | None = None,
         generator: torch.Generator | None = None,
+        solver: Solver | str = "sequential",
     ) -> Tensor:
-        """Draws ``num`` images: z ~ N(0, temperature² I), then the exact inverse.
+        """Draws ``num`` images: z ~ N(0, temperature² I), then the inverse (noise → data)
+        with ``solver`` (see :meth:`inverse`).
 
         Returns images on the scale the model was trained on (noisy when trained with
         noise augmentation; see :func:`tarflow.sampling.denoise`).
         """
+        return self.sample_with_stats(num, y, temperature, guidance, generator, solver)[0]
+
+    @torch.no_grad()
+    def sample_with_stats(
+        self,
+        num: int,
+        y: Tensor | None = None,
+        temperature: float = 1.0,
+        guidance: Guidance | None = None,
+        generator: torch.Generator | None = None,
+        solver: Solver | str = "sequential",
+    ) -> tuple[Tensor, list[SolverStats]]:
+        """:meth:`sample`, also returning the per-block solver statistics of
+        :meth:`inverse_with_stats`."""
         if guidance is not None and guidance.weight > 0 and self.num_classes == 0:
             raise ValueError("guidance needs a class-conditional model")
         param = next(self.parameters())
@@ -227,4 +294,4 @@ class ImageFlow(nn.Module):
         )
         if y is not None:
             y = y.to(param.device)
-        return self.inverse(z, y, guidance)
+        return self.inverse_with_stats(z, y, guidance, solver)

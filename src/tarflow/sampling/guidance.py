@@ -43,10 +43,10 @@ class Guidance:
     def weight_at(self, positions: Tensor, num_tokens: int) -> Tensor:
         """w for tokens at ``positions`` (a 1-D index tensor), shaped to broadcast over
         (B, n, d) parameters."""
-        w = torch.full(positions.shape, self.weight, dtype=torch.float32)
+        w = torch.full(positions.shape, self.weight, dtype=torch.float32, device=positions.device)
         if self.ramp:
             w = w * (positions.float() + 1) / num_tokens
-        return w.to(positions.device)[None, :, None]
+        return w[None, :, None]
 
     def combine(
         self, mu_c: Tensor, a_c: Tensor, mu_u: Tensor, a_u: Tensor, w: Tensor

@@ -86,7 +86,9 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
     try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHT_FILES[0])
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHT_FILES[0]
+        )
         save_file(
             {k: v.contiguous() for k, v in ema_model.state_dict().items()}, tmp / WEIGHT_FILES[1]
         )
@@ -197,5 +199,7 @@ def load_run(run_dir: str | Path, with_state: bool = True) -> LoadedRun:
         try:
             state = torch.load(folder / STATE_FILE, weights_only=True)
         except Exception as err:
-            raise CheckpointError(f"cannot read training state {folder / STATE_FILE}: {err}") from err
+            raise CheckpointError(
+                f"cannot read training state {folder / STATE_FILE}: {err}"
+            ) from err
     return LoadedRun(folder, config, model, ema_model.eval(), state)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from tarflow.config import RunConfig
 from tarflow.data import ImageDataset, dequantize, load_dataset, to_unit_range
 from tarflow.evaluate.bits_per_dim import bits_per_dim
+from tarflow.evaluate.samples import save_checkpoint_samples
 from tarflow.models.image_flow import ImageFlow
 from tarflow.train.checkpoint import CheckpointError, load_run, save_checkpoint
 from tarflow.train.ema import EMA
@@ -57,6 +58,56 @@ def augment(
     x = to_unit_range(pixels)
     noise = torch.randn(x.shape, generator=generator)
     return x + config.train.noise_std * noise
+
+
+def next_batch(
+    data: ImageDataset, sampler: EpochSampler, config: RunConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The next training batch: augmented images and labels, some replaced by the null
+    class (probability ``train.label_drop_prob``) so the model also learns p(x)."""
+    index = sampler.next()
+    x = augment(data.images[index], config, generator)
+    if not config.model.num_classes:
+        return x, None
+    y = data.labels[index]
+    drop = torch.rand(y.shape, generator=generator) < config.train.label_drop_prob
+    return x, torch.where(drop, config.model.num_classes, y)
+
+
+def training_step(
+    model: ImageFlow,
+    optimizer: torch.optim.Optimizer,
+    ema: EMA,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    config: RunConfig,
+) -> tuple[float, float, float]:
+    """One maximum-likelihood step: loss = −log p(x | y) / D (nats per dimension).
+
+    Returns:
+        The loss, the mean log p(x | y) in nats per image, and the gradient norm before
+        clipping.
+
+    Raises:
+        FloatingPointError: the loss is not finite; nothing is updated.
+    """
+    tc = config.train
+    with torch.autocast("cpu", torch.bfloat16, enabled=tc.precision == "bf16"):
+        log_p = model.log_prob(x, y)
+    loss = -log_p.float().mean() / config.model.num_dims
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"the loss became {loss.item()}; lower train.lr or raise train.noise_std, then "
+            "resume from the last checkpoint (the weights were not updated)"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
+    )
+    optimizer.step()
+    ema.update(model)
+    return loss.item(), log_p.detach().float().mean().item(), grad_norm.item()
 
 
 def check_data_fits(data: ImageDataset, config: RunConfig) -> None:
@@ -163,40 +214,19 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            index = sampler.next()
-            x = augment(data.images[index], config, generator)
-            y = None
-            if config.model.num_classes:
-                y = data.labels[index]
-                drop = torch.rand(y.shape, generator=generator) < tc.label_drop_prob
-                y = torch.where(drop, model.null_class, y)
-
-            with torch.autocast("cpu", torch.bfloat16, enabled=tc.precision == "bf16"):
-                log_p = model.log_prob(x, y)
-            loss = -log_p.float().mean() / num_dims
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at step {step}; lower train.lr or raise "
-                    "train.noise_std, then resume from the last checkpoint"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
-            )
-            optimizer.step()
-            ema.update(model)
+            x, y = next_batch(data, sampler, config, generator)
+            loss, log_p_mean, grad_norm = training_step(model, optimizer, ema, x, y, config)
             step += 1
             window_images += x.shape[0]
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % tc.log_every == 0 or step == last:
                 elapsed = time.perf_counter() - window_start
                 record = {
                     "step": step,
-                    "loss": loss.item(),
-                    "bits_per_dim": bits_per_dim(log_p.detach().float().mean(), num_dims).item(),
+                    "loss": loss,
+                    "bits_per_dim": bits_per_dim(torch.tensor(log_p_mean), num_dims).item(),
                     "lr": lr,
-                    "grad_norm": grad_norm.item(),
+                    "grad_norm": grad_norm,
                     "images_per_sec": window_images / elapsed,
                 }
                 metrics.write(json.dumps(record) + "\n")
@@ -211,6 +241,9 @@ def train(
 
             if step % tc.checkpoint_every == 0 or step == last:
                 save_checkpoint(run_dir, step, config, model, ema.model, training_state())
+                if tc.checkpoint_samples:
+                    n = tc.checkpoint_samples
+                    save_checkpoint_samples(ema.model, config, run_dir, step, n, 10 * n)
     bar.close()
     log.info("finished %d steps; checkpoints in %s", step, run_dir / "checkpoints")
     return ema.model
