@@ -11,7 +11,7 @@ GUIDANCE ?= 2.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint data clean-demo
+.PHONY: install demo test lint data clean-demo quality sweep
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,17 @@ demo: install data
 	$(BIN)/tarflow train --config $(CONFIG) --out $(RUN) $(if $(wildcard $(RUN)/checkpoints/latest),--resume)
 	$(BIN)/tarflow sample $(RUN) --num 100 --guidance $(GUIDANCE) --out $(RUN)/samples.png
 	$(BIN)/tarflow eval $(RUN) --split test
-	@echo "Sample grid: $(RUN)/samples.png  Test bits/dim: $(RUN)/eval-test.json  Metrics: $(RUN)/metrics.jsonl"
+	$(BIN)/tarflow plot $(RUN)
+	@echo "Sample grid: $(RUN)/samples.png  Test bits/dim: $(RUN)/eval-test.json"
+	@echo "Training curves: $(RUN)/training-curves.png  Metrics: $(RUN)/metrics.jsonl"
+
+# Samples judged by a classifier trained on real Fashion-MNIST (trained once, then cached).
+quality: install
+	$(BIN)/python benchmarks/sample_quality.py $(RUN) --per-class 100 --guidance 0,1,2,3
+
+# Sample metrics against guidance weight, plotted next to the run.
+sweep: install
+	$(BIN)/tarflow eval $(RUN) --metrics fd,pr,accuracy --num-samples 500 --sweep-guidance 0,0.5,1,2,3
 
 test: install data
 	$(BIN)/python -m pytest -q
