@@ -23,17 +23,6 @@ from tarflow.evaluate.frechet import FewSamplesWarning, frechet_distance, gaussi
 NUM = 8
 
 
-# One thread: on a busy two-core machine a second one waits more than it works.
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_module_fixtures():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def digits_and_features():
     pixels = load_digits(None, "test").images[:NUM]

@@ -35,17 +35,6 @@ TINY = Path(__file__).parent.parent / "configs" / "digits_tiny.yaml"
 DIGITS_CLASSIFIER_ACCURACY = 0.85
 
 
-# One thread: on a busy two-core machine a second one waits more than it works.
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_module_fixtures():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")

@@ -18,17 +18,6 @@ from tarflow.train import train
 TINY = Path(__file__).parent.parent / "configs" / "digits_tiny.yaml"
 
 
-# One thread: on a busy two-core machine a second one waits more than it works.
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_for_module_fixtures():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     config = load_config(
