@@ -233,7 +233,7 @@ def test_cli_eval_table_and_sweep(tiny_run, cache_dir, classifier, monkeypatch, 
     assert main([*args, "--sweep-guidance", "0,2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "guidance sweep (extrapolate" in out and "accuracy" in out
-    report = json.loads((tiny_run / "eval-test.json").read_text())
+    report = json.loads((tiny_run / "guidance-sweep-test.json").read_text())
     assert [row["guidance"] for row in report["sweep"]] == [0.0, 2.0]
     assert report["sweep"][1]["metrics"]["fd"]["num_samples"] == 20
     assert (tiny_run / "guidance-sweep-test.png").is_file()

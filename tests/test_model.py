@@ -127,3 +127,68 @@ def test_bf16_autocast_keeps_flow_arithmetic_in_float32():
         log_p = model.log_prob(x, y)
     assert z.dtype == log_det.dtype == log_p.dtype == torch.float32
     torch.testing.assert_close(log_p, model.log_prob(x, y), atol=0.5, rtol=0.02)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = small_model()
+    x = torch.rand(4, 2, 4, 4, dtype=torch.float64) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3])
+
+    layer = model.blocks[0].layers[0]
+    calls = []
+    layer.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def gradients():
+        calls.clear()
+        model.zero_grad()
+        model.log_prob(x, y).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = gradients()
+    assert len(calls) == 1
+    model.set_activation_checkpointing(True)
+    recomputed = gradients()
+    assert len(calls) == 2  # once forward, once again in the backward pass
+    for a, b in zip(plain, recomputed):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # sampling is unaffected
+        z, _ = model(x, y)
+        torch.testing.assert_close(model.inverse(z, y), x, atol=1e-9, rtol=0)
+
+
+def test_api_misuse_is_named():
+    model = small_model(dtype=torch.float32)
+    x = torch.zeros(2, 2, 4, 4)
+    with pytest.raises(ValueError, match="float64 but the model's weights are torch.float32"):
+        model.log_prob(x.double(), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model.log_prob(x, [0, 1])
+    with pytest.raises(ValueError, match="empty"):
+        model.log_prob(x[:0], torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="num must be a positive integer"):
+        model.sample(0, torch.tensor([], dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature must be"):
+        model.sample(1, torch.tensor([0]), temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"Guidance\(2.0\)"):
+        model.sample(1, torch.tensor([0]), guidance=2.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"heads": 0}, {"width": 0}, {"mlp_ratio": 0}, {"log_scale_bound": float("inf")}]
+)
+def test_degenerate_model_shapes_are_rejected(kwargs):
+    with pytest.raises(ValueError, match="model\\."):
+        ImageFlowConfig(**kwargs)
+
+
+def test_denoising_far_out_samples_does_not_fail():
+    # Strong guidance can push samples far outside [-1, 1]; the score step clips them to
+    # where noisy data lies instead of rejecting them as raw pixels.
+    from tarflow.sampling.denoise import tweedie_denoise
+
+    model = small_model(dtype=torch.float32)
+    x = torch.full((2, 2, 4, 4), 11.2)
+    out = tweedie_denoise(model, x, 0.2, torch.tensor([0, 1]))
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="sigma must be >= 0"):
+        tweedie_denoise(model, x, -0.1, torch.tensor([0, 1]))

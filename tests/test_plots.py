@@ -79,7 +79,7 @@ def test_guidance_sweep_png(tmp_path):
 
 def test_plot_command_redraws_a_saved_sweep(tiny, capsys):
     run_dir, _, _ = tiny
-    (run_dir / "eval-train.json").write_text(json.dumps(sweep_report([0, 1])))
+    (run_dir / "guidance-sweep-train.json").write_text(json.dumps(sweep_report([0, 1])))
     assert main(["plot", str(run_dir), "--split", "train"]) == 0
     assert (run_dir / "guidance-sweep-train.png").is_file()
     assert "training-curves.png" in capsys.readouterr().out

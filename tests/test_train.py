@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tarflow.config import load_config
+from tarflow.models.image_flow import ImageFlow
+from tarflow.train import DivergenceError, load_run, train
 from tarflow.train import checkpoint as checkpoint_module
-from tarflow.train import load_run, train
 from tarflow.train.checkpoint import CheckpointError, latest_checkpoint
 from tarflow.train.schedule import warmup_cosine
+from tarflow.train.trainer import LogLikelihood
 
 TINY = Path(__file__).parent.parent / "configs" / "digits_tiny.yaml"
 
@@ -139,8 +143,7 @@ def test_warmup_cosine_schedule():
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
 
 
-def test_non_finite_loss_stops_without_updating(tmp_path):
-    from tarflow.models.image_flow import ImageFlow
+def test_non_finite_loss_is_skipped_without_updating():
     from tarflow.train.ema import EMA
     from tarflow.train.trainer import training_step
 
@@ -150,8 +153,110 @@ def test_non_finite_loss_stops_without_updating(tmp_path):
         model.flow.transforms[0].head.bias.fill_(float("nan"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters())
+    ema = EMA(model, 0.9)
     x, y = torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
-    with pytest.raises(FloatingPointError, match="not updated"):
-        training_step(model, optimizer, EMA(model, 0.9), x, y, config)
+    result = training_step(model, optimizer, ema, x, y, config)
+    assert result.skipped and not optimizer.state and ema.updates == 0
+    assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
+
+
+def poison_calls(monkeypatch, bad_calls):
+    """Makes the training log-likelihood NaN on the given calls (1-based, counted across
+    runs)."""
+    real = LogLikelihood.forward
+    calls = {"n": 0}
+
+    def forward(self, x, y=None):
+        calls["n"] += 1
+        out = real(self, x, y)
+        return out * float("nan") if calls["n"] in bad_calls else out
+
+    monkeypatch.setattr(LogLikelihood, "forward", forward)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatch, caplog):
+    poison_calls(monkeypatch, {3})
+    train(tiny_config(log_every=1), tmp_path, progress=False)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert records[2]["loss"] is None and records[3]["loss"] is not None
+    assert "step 3 skipped" in caplog.text
+    run = load_run(tmp_path)
+    assert run.state["skipped_steps"] == 1 and run.state["ema_updates"] == 7
+    assert all(s["step"] == 7 for s in run.state["optimizer"]["state"].values())
+
+
+def test_resume_across_a_skipped_step_is_exact(tmp_path, monkeypatch):
+    config = tiny_config(max_skipped_steps=2)
+    poison_calls(monkeypatch, {4, 8})
+    train(config, tmp_path / "once", progress=False)
+    poison_calls(monkeypatch, {4, 8})
+    train(config, tmp_path / "split", progress=False, stop_at=4)
+    assert load_run(tmp_path / "split").state["skipped_in_a_row"] == 1
+    train(config, tmp_path / "split", resume=True, progress=False)
+    once, split = load_run(tmp_path / "once"), load_run(tmp_path / "split")
+    assert once.state["skipped_steps"] == split.state["skipped_steps"] == 2
+    for p, q in zip(once.model.state_dict().values(), split.model.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_repeated_failures_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config(steps=10, checkpoint_every=2, max_skipped_steps=3)
+    train(config, tmp_path / "good", progress=False, stop_at=4)
+    poison_calls(monkeypatch, set(range(5, 20)))
+    with pytest.raises(DivergenceError, match="step-00000004, is intact"):
+        train(config, tmp_path / "bad", progress=False)
+    assert latest_checkpoint(tmp_path / "bad").name == "step-00000004"
+    good, bad = load_run(tmp_path / "good"), load_run(tmp_path / "bad")
+    assert bad.state["step"] == 4 and bad.state["skipped_steps"] == 0
+    for p, q in zip(good.model.state_dict().values(), bad.model.state_dict().values()):
+        assert torch.equal(p, q)
+
+
+needs_dynamo = pytest.mark.skipif(
+    not torch._dynamo.is_dynamo_supported(), reason="torch.compile is not supported here"
+)
+
+
+@needs_dynamo
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
+    # The aot_eager backend traces the model as inductor does, in seconds instead of ~30 s;
+    # test_inductor_matches_eager covers inductor's code generation.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    eager = train(tiny_config(steps=3), tmp_path / "eager", progress=False)
+    compiled = train(tiny_config(steps=3, compile=True), tmp_path / "compiled", progress=False)
+    for p, q in zip(eager.state_dict().values(), compiled.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+@needs_dynamo
+@pytest.mark.skipif(shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_inductor_matches_eager():
+    config = tiny_config()
+    model = ImageFlow(config.model)
+    x, y = 0.5 * torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 10])
+    eager = LogLikelihood(model)(x, y)
+    compiled = torch.compile(LogLikelihood(model))(x, y)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
+
+
+def test_activation_checkpointing_trains_the_same_weights(tmp_path):
+    plain = train(tiny_config(steps=3), tmp_path / "plain", progress=False)
+    config = tiny_config(steps=3, activation_checkpointing=True)
+    recomputed = train(config, tmp_path / "recomputed", progress=False)
+    assert not any(block.activation_checkpointing for block in recomputed.blocks)
+    for p, q in zip(plain.state_dict().values(), recomputed.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+
+
+def test_resume_survives_a_metrics_line_cut_short(tmp_path):
+    config = tiny_config(log_every=1)
+    train(config, tmp_path, progress=False, stop_at=4)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.1')  # the write an interruption cut short
+    train(config, tmp_path, resume=True, progress=False)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == list(range(1, 9))

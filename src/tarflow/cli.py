@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tarflow.sampling.denoise import tweedie_denoise
 from tarflow.sampling.guidance import RULES, Guidance
 from tarflow.sampling.solvers import SOLVERS, Solver, load_or_calibrate
 from tarflow.train.checkpoint import CheckpointError, LoadedRun, load_run
-from tarflow.train.trainer import train
+from tarflow.train.trainer import DivergenceError, train
 
 log = logging.getLogger("tarflow")
 
@@ -57,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("sample", help="draw images from a trained run")
     p.add_argument("run", help="run directory")
-    p.add_argument("--num", type=int, default=64, help="number of images")
+    p.add_argument(
+        "--num",
+        type=int,
+        default=64,
+        help="number of images; without --label, a class-conditional model draws "
+        "max(1, NUM // classes) per class, one row each",
+    )
     p.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
     p.add_argument("--label", type=int, default=None, help="class to draw (default: all)")
     p.add_argument("--guidance", type=float, default=0.0, help="guidance weight w")
@@ -94,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="bits/dim and sample metrics of a trained run",
         description="Without --metrics: test-set bits/dim, printed as one JSON line. With "
         "--metrics or --sweep-guidance: a table of the chosen metrics, each with its sample "
-        "count. Both write RUN/eval-SPLIT.json. Metrics: "
+        "count. Bits/dim alone is written to RUN/eval-SPLIT.json, a metrics table to "
+        "RUN/metrics-SPLIT.json, a sweep to RUN/guidance-sweep-SPLIT.json. Metrics: "
         + "; ".join(f"{name}: {text}" for name, text in METRIC_HELP.items()),
     )
     p.add_argument("run", help="run directory")
@@ -132,6 +140,8 @@ def command_train(args: argparse.Namespace) -> None:
     run_dir = Path(args.out)
     config = load_config(args.config, args.set)
     train(config, run_dir, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     print(
         f"checkpoints written to {run_dir / 'checkpoints'}; metrics in {run_dir / 'metrics.jsonl'}"
     )
@@ -151,7 +161,7 @@ def command_sample(args: argparse.Namespace) -> None:
         y = torch.arange(classes).repeat_interleave(per_class)
         columns = per_class
     else:
-        if args.label is not None and not 0 <= args.label < max(classes, 1):
+        if args.label is not None and (classes == 0 or not 0 <= args.label < classes):
             raise ValueError(
                 f"--label {args.label} is out of range: this model has classes 0..{classes - 1}"
                 if classes
@@ -226,7 +236,8 @@ def command_eval_metrics(args: argparse.Namespace, run: LoadedRun) -> None:
     )
     run_dir = Path(args.run)
     print(format_table(report))
-    print(f"wrote {write_report(report, run_dir / f'eval-{args.split}.json')}")
+    name = "guidance-sweep" if "sweep" in report else "metrics"
+    print(f"wrote {write_report(report, run_dir / f'{name}-{args.split}.json')}")
     if "sweep" in report:
         print(f"wrote {plot_guidance_sweep(report, run_dir / f'guidance-sweep-{args.split}.png')}")
 
@@ -234,7 +245,7 @@ def command_eval_metrics(args: argparse.Namespace, run: LoadedRun) -> None:
 def command_plot(args: argparse.Namespace) -> None:
     run_dir = Path(args.run)
     print(f"wrote {plot_training_curves(run_dir)}")
-    report_path = run_dir / f"eval-{args.split}.json"
+    report_path = run_dir / f"guidance-sweep-{args.split}.json"
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         if "sweep" in report:
@@ -258,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         ConfigError,
         CheckpointError,
+        DivergenceError,
         FileNotFoundError,
         FileExistsError,
         ValueError,

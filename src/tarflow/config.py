@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class TrainConfig:
 
     Arguments:
         steps: optimiser steps in total.
-        batch_size: images per step.
+        batch_size: images per step, summed over all processes under torchrun (the global
+            batch; it must divide by the number of processes).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW decoupled weight decay.
         betas: AdamW betas.
@@ -65,6 +67,12 @@ class TrainConfig:
         threads: CPU threads for PyTorch (0 leaves PyTorch's default).
         precision: ``"float32"``, or ``"bf16"`` to run the Transformer under bf16 autocast
             (the flow arithmetic and the loss stay float32).
+        max_skipped_steps: consecutive steps with a non-finite loss or gradient after which
+            the run stops with an error (each such step is skipped: no weight update).
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda"``.
+        compile: run the training forward pass through ``torch.compile``.
+        activation_checkpointing: recompute each Transformer layer's activations in the
+            backward pass instead of storing them (less memory, about one more forward).
     """
 
     steps: int = 1000
@@ -85,12 +93,18 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     precision: str = "float32"
+    max_skipped_steps: int = 10
+    device: str = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         checks = [
             (self.steps > 0, "train.steps must be > 0"),
             (self.batch_size > 0, "train.batch_size must be > 0"),
-            (self.lr > 0, "train.lr must be > 0"),
+            (0 < self.lr < math.inf, "train.lr must be a finite number > 0"),
+            (self.weight_decay >= 0, "train.weight_decay must be >= 0"),
+            (all(0 <= b < 1 for b in self.betas), "train.betas must lie in [0, 1)"),
             (0 <= self.warmup_steps, "train.warmup_steps must be >= 0"),
             (0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must lie in [0, 1]"),
             (self.grad_clip >= 0, "train.grad_clip must be >= 0"),
@@ -103,6 +117,8 @@ class TrainConfig:
             (self.log_every > 0, "train.log_every must be > 0"),
             (self.threads >= 0, "train.threads must be >= 0"),
             (self.precision in ("float32", "bf16"), "train.precision must be float32 or bf16"),
+            (self.max_skipped_steps > 0, "train.max_skipped_steps must be > 0"),
+            (self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
         ]
         for ok, message in checks:
             if not ok:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from tarflow.flows.base import Transform
 from tarflow.nn import KVCache, TransformerLayer
@@ -39,6 +40,10 @@ class AutoregressiveBlock(Transform):
             ``num_classes`` is the null class used by guidance.
         mlp_ratio: MLP widening.
         log_scale_bound: c in the soft clip of a.
+
+    Setting ``activation_checkpointing`` to True makes training passes (with gradients,
+    without caches) recompute each Transformer layer's activations during the backward
+    pass instead of keeping them: less memory for about one more forward pass.
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class AutoregressiveBlock(Transform):
         self.head = nn.Linear(width, 2 * token_dim)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.activation_checkpointing = False
 
     @property
     def conditioned(self) -> bool:
@@ -110,8 +116,12 @@ class AutoregressiveBlock(Transform):
             if y is None:
                 raise ValueError("this block is class-conditioned: pass labels y")
             h = h + self.class_embedding(y)[:, None]
+        recompute = self.activation_checkpointing and caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            h = layer(h, None if caches is None else caches[i])
+            if recompute:
+                h = checkpoint(layer, h, use_reentrant=False)
+            else:
+                h = layer(h, None if caches is None else caches[i])
 
         out = self.head(self.norm(h))
         out = out.to(torch.promote_types(inputs.dtype, torch.float32))

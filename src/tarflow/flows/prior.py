@@ -26,6 +26,9 @@ class StandardGaussian(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> Tensor:
-        """Draws N(0, temperature² I) noise of ``shape``."""
-        z = torch.randn(shape, generator=generator, dtype=dtype, device=device)
-        return z * temperature
+        """Draws N(0, temperature² I) noise of ``shape`` on ``device``; with a generator, the
+        draw is made on the generator's device (so a CPU generator gives the same noise
+        whichever device the model is on)."""
+        source = device if generator is None else generator.device
+        z = torch.randn(shape, generator=generator, dtype=dtype, device=source)
+        return z.to(device) * temperature

@@ -58,14 +58,16 @@ class ImageFlowConfig:
                 f"model.patch_size {self.patch_size} does not divide "
                 f"model.image_size {self.image_size}"
             )
+        if self.width < 1 or self.heads < 1 or self.mlp_ratio < 1:
+            raise ValueError("model.width, model.heads and model.mlp_ratio must be >= 1")
         if self.width % self.heads:
             raise ValueError(f"model.width {self.width} is not divisible by heads {self.heads}")
         if not self.block_depths or min(self.block_depths) < 1:
             raise ValueError("model.block_depths needs at least one block of >= 1 layer")
         if self.num_classes < 0:
             raise ValueError("model.num_classes must be >= 0")
-        if self.log_scale_bound <= 0:
-            raise ValueError("model.log_scale_bound must be > 0")
+        if not 0 < self.log_scale_bound < float("inf"):
+            raise ValueError("model.log_scale_bound must be a finite number > 0")
 
     @property
     def num_dims(self) -> int:
@@ -158,6 +160,14 @@ class ImageFlow(nn.Module):
                 f"images must be floating point in [-1, 1], got dtype {x.dtype}; "
                 "convert uint8 pixels with tarflow.data.to_unit_range"
             )
+        param = next(self.parameters())
+        if x.dtype != param.dtype:
+            raise ValueError(
+                f"images are {x.dtype} but the model's weights are {param.dtype}; convert one "
+                f"of them (x.to({param.dtype}) or model.to({x.dtype}))"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("the batch of images is empty")
         if not torch.isfinite(x).all():
             raise ValueError("images contain NaN or infinite values")
         if x.abs().max() > MAX_ABS_INPUT:
@@ -177,6 +187,10 @@ class ImageFlow(nn.Module):
                 f"this model is class-conditional: pass labels y of shape ({batch},) "
                 f"in 0..{self.num_classes - 1}"
             )
+        if not isinstance(y, Tensor):
+            raise ValueError(
+                f"labels must be an integer tensor of shape ({batch},), got {type(y).__name__}"
+            )
         if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"labels must be an integer tensor of shape ({batch},), got "
@@ -195,6 +209,12 @@ class ImageFlow(nn.Module):
         self.check_labels(y, x.shape[0])
         tokens, _ = self.patchify(x)
         return self.flow(tokens, y)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the Transformer layers' activations in the backward pass (see
+        :class:`~tarflow.flows.AutoregressiveBlock`) instead of storing them."""
+        for block in self.blocks:
+            block.activation_checkpointing = enabled
 
     def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
         """Exact log-density log p(x | y) in nats per sample, shape (B,)."""
@@ -286,6 +306,15 @@ class ImageFlow(nn.Module):
     ) -> tuple[Tensor, list[SolverStats]]:
         """:meth:`sample`, also returning the per-block solver statistics of
         :meth:`inverse_with_stats`."""
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ValueError(f"num must be a positive integer, got {num!r}")
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if guidance is not None and not isinstance(guidance, Guidance):
+            raise ValueError(
+                f"guidance must be a tarflow.Guidance, e.g. Guidance({guidance!r}), "
+                f"got {type(guidance).__name__}"
+            )
         if guidance is not None and guidance.weight > 0 and self.num_classes == 0:
             raise ValueError("guidance needs a class-conditional model")
         param = next(self.parameters())

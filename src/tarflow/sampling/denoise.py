@@ -33,9 +33,19 @@ def tweedie_denoise(
 
     Returns:
         Denoised images, detached.
+
+    Warning:
+        Samples far outside the data range (strong guidance or a high temperature can put
+        them there) are first clipped to [−1 − 6σ, 1 + 6σ], where noisy data lies; the
+        score is not meaningful beyond it.
     """
-    if sigma <= 0:
+    if not sigma >= 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if sigma == 0:
         return x
+    if not x.is_floating_point():
+        raise ValueError(f"samples must be floating point in [-1, 1], got dtype {x.dtype}")
+    x = x.clamp(-1 - 6 * sigma, 1 + 6 * sigma)
     out = []
     for start in range(0, x.shape[0], batch_size):
         chunk = x[start : start + batch_size].detach().clone().requires_grad_(True)

@@ -1,15 +1,30 @@
-"""The training loop: maximum likelihood with AdamW, EMA, logging and exact resume."""
+"""The training loop: maximum likelihood with AdamW, EMA, logging and exact resume.
+
+Data parallelism: under ``torchrun`` (``WORLD_SIZE`` > 1) every process holds the same
+random generator and draws the same global batch of ``train.batch_size`` images, with its
+augmentation noise and dropped labels, then trains on its own contiguous shard. Each
+process's loss is the mean over its shard, so the gradients averaged by
+DistributedDataParallel equal the gradient of the mean over the global batch: the run
+does not depend on the number of processes beyond float rounding, and its checkpoints
+(written whole by rank 0) resume on any number of processes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from tarflow.config import RunConfig
@@ -17,7 +32,7 @@ from tarflow.data import ImageDataset, dequantize, load_dataset, to_unit_range
 from tarflow.evaluate.bits_per_dim import bits_per_dim
 from tarflow.evaluate.samples import save_checkpoint_samples
 from tarflow.models.image_flow import ImageFlow
-from tarflow.train.checkpoint import CheckpointError, load_run, save_checkpoint
+from tarflow.train.checkpoint import CheckpointError, latest_checkpoint, load_run, save_checkpoint
 from tarflow.train.ema import EMA
 from tarflow.train.schedule import warmup_cosine
 
@@ -49,9 +64,7 @@ class EpochSampler:
         self.order, self.position = state["order"], int(state["position"])
 
 
-def augment(
-    pixels: torch.Tensor, config: RunConfig, generator: torch.Generator
-) -> torch.Tensor:
+def augment(pixels: torch.Tensor, config: RunConfig, generator: torch.Generator) -> torch.Tensor:
     """uint8 pixels to training inputs: Gaussian noise augmentation or uniform dequantization."""
     if config.train.noise == "uniform":
         return dequantize(pixels, generator)
@@ -74,6 +87,42 @@ def next_batch(
     return x, torch.where(drop, config.model.num_classes, y)
 
 
+class DivergenceError(RuntimeError):
+    """Too many consecutive training steps had a non-finite loss or gradient."""
+
+
+class LogLikelihood(nn.Module):
+    """log p(x | y) of an image flow as a module's forward pass, nats per image.
+
+    Training calls the flow through this wrapper so that DistributedDataParallel and
+    ``torch.compile`` can wrap it; the flow's own parameters are trained and saved.
+    """
+
+    def __init__(self, flow: ImageFlow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.flow.log_prob(x, y)
+
+
+@dataclass
+class StepResult:
+    """What one training step measured, averaged over the global batch.
+
+    Attributes:
+        loss: −log p(x | y) / D in nats per dimension.
+        log_p_mean: mean log p(x | y) in nats per image.
+        grad_norm: global gradient norm before clipping.
+        skipped: the loss or the gradient was not finite, so nothing was updated.
+    """
+
+    loss: float
+    log_p_mean: float
+    grad_norm: float
+    skipped: bool
+
+
 def training_step(
     model: ImageFlow,
     optimizer: torch.optim.Optimizer,
@@ -81,33 +130,50 @@ def training_step(
     x: torch.Tensor,
     y: torch.Tensor | None,
     config: RunConfig,
-) -> tuple[float, float, float]:
+    objective: nn.Module | None = None,
+) -> StepResult:
     """One maximum-likelihood step: loss = −log p(x | y) / D (nats per dimension).
 
-    Returns:
-        The loss, the mean log p(x | y) in nats per image, and the gradient norm before
-        clipping.
+    A step whose loss or gradient norm is not finite is skipped: neither the weights, the
+    optimizer state nor the EMA change. In a distributed run every process makes the same
+    decision, since both numbers are averaged over all processes first.
 
-    Raises:
-        FloatingPointError: the loss is not finite; nothing is updated.
+    Arguments:
+        model: the flow being trained.
+        optimizer: its optimizer.
+        ema: the moving average of its weights.
+        x: this process's images.
+        y: their labels, or None.
+        config: the run configuration.
+        objective: the module computing log p(x | y) for ``model`` (wrapped for data
+            parallelism or compiled); None calls ``model.log_prob``.
+
+    Returns:
+        The loss, mean log-likelihood and gradient norm, and whether the step was skipped.
     """
     tc = config.train
-    with torch.autocast("cpu", torch.bfloat16, enabled=tc.precision == "bf16"):
-        log_p = model.log_prob(x, y)
-    loss = -log_p.float().mean() / config.model.num_dims
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"the loss became {loss.item()}; lower train.lr or raise train.noise_std, then "
-            "resume from the last checkpoint (the weights were not updated)"
-        )
+    objective = objective if objective is not None else LogLikelihood(model)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=tc.precision == "bf16"):
+        log_p = objective(x, y)
+    log_p = log_p.float()
+    loss = -log_p.mean() / config.model.num_dims
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+
+    stats = torch.stack([loss.detach(), log_p.detach().mean()])
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+        stats /= dist.get_world_size()
     grad_norm = torch.nn.utils.clip_grad_norm_(
         model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
-    )
+    ).item()
+    loss_value, log_p_mean = stats.tolist()
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_value, log_p_mean, grad_norm, skipped=True)
     optimizer.step()
     ema.update(model)
-    return loss.item(), log_p.detach().float().mean().item(), grad_norm.item()
+    return StepResult(loss_value, log_p_mean, grad_norm, skipped=False)
 
 
 def check_data_fits(data: ImageDataset, config: RunConfig) -> None:
@@ -125,6 +191,42 @@ def check_data_fits(data: ImageDataset, config: RunConfig) -> None:
         )
 
 
+def training_device(config: RunConfig) -> torch.device:
+    """The device of this process: ``train.device``, and under torchrun the GPU numbered
+    ``LOCAL_RANK``."""
+    kind = config.train.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("train.device is cuda but PyTorch sees no CUDA device")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(
+            f"process {local_rank} of this node has no GPU of its own ({torch.cuda.device_count()}"
+            " visible); start at most one process per GPU (torchrun --nproc_per_node)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def world_size() -> int:
+    """Number of training processes: ``WORLD_SIZE`` as set by torchrun, else 1."""
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard(batch: Tensor | None, rank: int, world: int) -> Tensor | None:
+    """This process's contiguous share of a global batch."""
+    if batch is None or world == 1:
+        return batch
+    size = batch.shape[0] // world
+    return batch[rank * size : (rank + 1) * size]
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def train(
     config: RunConfig,
     run_dir: str | Path,
@@ -136,7 +238,13 @@ def train(
 
     Writes ``config.yaml``, ``metrics.jsonl`` and atomic checkpoints into ``run_dir``.
     With ``resume``, continues from the latest checkpoint there: the result is the same as
-    one uninterrupted run (same weights, bit for bit on the same machine).
+    one uninterrupted run (same weights, bit for bit on the same machine and number of
+    processes). Started by torchrun with ``WORLD_SIZE`` > 1, it trains data-parallel (gloo
+    on CPU, NCCL on GPU; see the module docstring); rank 0 alone writes files and logs.
+
+    A step with a non-finite loss or gradient is skipped, counted (``skipped_steps`` in
+    ``metrics.jsonl``) and logged as a warning; no checkpoint is written while the latest
+    step was skipped, except at ``stop_at`` or the final step.
 
     Arguments:
         config: the run configuration.
@@ -145,9 +253,43 @@ def train(
         progress: show a tqdm bar.
         stop_at: end this call after that step, with a checkpoint, as if interrupted (the
             schedule still runs to ``config.train.steps``); resume later to finish.
+
+    Raises:
+        DivergenceError: ``train.max_skipped_steps`` consecutive steps were skipped; the
+            checkpoints written before them are left as they were.
     """
-    run_dir = Path(run_dir)
     tc = config.train
+    world = world_size()
+    if tc.batch_size % world:
+        raise ValueError(
+            f"train.batch_size {tc.batch_size} (the global batch) must be divisible by the "
+            f"number of processes {world}"
+        )
+    device = training_device(config)
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        return train_process(config, Path(run_dir), resume, progress, stop_at, device)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def train_process(
+    config: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    stop_at: int | None,
+    device: torch.device,
+) -> ImageFlow:
+    """The body of :func:`train` in one process, after the process group is set up."""
+    tc = config.train
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    main_process = rank == 0
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
@@ -158,7 +300,16 @@ def train(
                 f"the config given differs from the one {run_dir} was trained with in its "
                 "model or data section; resume with the run's own config.yaml"
             )
-        model, ema = loaded.model, EMA(loaded.ema_model, tc.ema_decay)
+        before, after = dataclasses.asdict(loaded.config.train), dataclasses.asdict(tc)
+        changed = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in after if before[k] != after[k]]
+        if changed:
+            log.warning(
+                "resuming with train settings that differ from the checkpoint's (%s); the "
+                "result will differ from an uninterrupted run",
+                "; ".join(changed),
+            )
+        model = loaded.model.to(device)
+        ema = EMA(loaded.ema_model.to(device), tc.ema_decay)
         state = loaded.state
     else:
         if (run_dir / "checkpoints" / "latest").exists():
@@ -167,21 +318,22 @@ def train(
                 "another --out"
             )
         torch.manual_seed(tc.seed)
-        model = ImageFlow(config.model)
+        model = ImageFlow(config.model).to(device)
         ema = EMA(model, tc.ema_decay)
         state = {}
 
     data = load_dataset(config.data.dataset, config.data.root, "train")
     check_data_fits(data, config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
 
     generator = torch.Generator().manual_seed(tc.seed)
     sampler = EpochSampler(len(data), tc.batch_size, generator)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
     )
-    step = 0
+    step = skipped_total = skipped_in_a_row = 0
     if state:
         step = int(state["step"])
         optimizer.load_state_dict(state["optimizer"])
@@ -189,8 +341,11 @@ def train(
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         ema.updates = int(state["ema_updates"])
+        skipped_total = int(state.get("skipped_steps", 0))
+        skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
     metrics_path = run_dir / "metrics.jsonl"
-    truncate_metrics(metrics_path, step)
+    if main_process:
+        truncate_metrics(metrics_path, step)
 
     def training_state() -> dict[str, Any]:
         return {
@@ -199,60 +354,128 @@ def train(
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "ema_updates": ema.updates,
+            "skipped_steps": skipped_total,
+            "skipped_in_a_row": skipped_in_a_row,
         }
 
     if stop_at is not None and not step < stop_at <= tc.steps:
         raise ValueError(f"stop_at must lie in {step + 1}..{tc.steps}, got {stop_at}")
     last = tc.steps if stop_at is None else stop_at
     num_dims = config.model.num_dims
+
+    model.set_activation_checkpointing(tc.activation_checkpointing)
+    objective: nn.Module = LogLikelihood(model)
+    if world > 1:
+        objective = DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if tc.compile:
+        objective = torch.compile(objective)
     model.train()
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train", unit="step")
+
+    bar = tqdm(
+        total=tc.steps,
+        initial=step,
+        disable=not (progress and main_process),
+        desc="train",
+        unit="step",
+    )
     window_start, window_images = time.perf_counter(), 0
-    with open(metrics_path, "a") as metrics:
+    metrics = open(metrics_path, "a") if main_process else None
+    try:
         while step < last:
             lr = tc.lr * warmup_cosine(step, tc.steps, tc.warmup_steps, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
             x, y = next_batch(data, sampler, config, generator)
-            loss, log_p_mean, grad_norm = training_step(model, optimizer, ema, x, y, config)
+            x_local, y_local = shard(x, rank, world), shard(y, rank, world)
+            x_local = x_local.to(device, non_blocking=True)
+            y_local = None if y_local is None else y_local.to(device, non_blocking=True)
+            result = training_step(model, optimizer, ema, x_local, y_local, config, objective)
             step += 1
             window_images += x.shape[0]
 
-            if step % tc.log_every == 0 or step == last:
+            if result.skipped:
+                skipped_total += 1
+                skipped_in_a_row += 1
+                if main_process:
+                    log.warning(
+                        "step %d skipped: loss %s, gradient norm %s (%d in a row, %d in all)",
+                        step,
+                        result.loss,
+                        result.grad_norm,
+                        skipped_in_a_row,
+                        skipped_total,
+                    )
+                if skipped_in_a_row >= tc.max_skipped_steps:
+                    raise DivergenceError(divergence_message(run_dir, step, skipped_in_a_row))
+            else:
+                skipped_in_a_row = 0
+
+            if metrics is not None and (step % tc.log_every == 0 or step == last):
                 elapsed = time.perf_counter() - window_start
+                bpd = bits_per_dim(torch.tensor(result.log_p_mean), num_dims).item()
                 record = {
                     "step": step,
-                    "loss": loss,
-                    "bits_per_dim": bits_per_dim(torch.tensor(log_p_mean), num_dims).item(),
+                    "loss": finite_or_none(result.loss),
+                    "bits_per_dim": finite_or_none(bpd),
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": finite_or_none(result.grad_norm),
                     "images_per_sec": window_images / elapsed,
+                    "skipped_steps": skipped_total,
                 }
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 bar.set_postfix(
-                    loss=f"{record['loss']:.3f}",
-                    bpd=f"{record['bits_per_dim']:.3f}",
+                    loss=f"{result.loss:.3f}",
+                    bpd=f"{bpd:.3f}",
                     img_s=f"{record['images_per_sec']:.0f}",
                 )
                 window_start, window_images = time.perf_counter(), 0
             bar.update(1)
 
-            if step % tc.checkpoint_every == 0 or step == last:
+            due = step % tc.checkpoint_every == 0 and skipped_in_a_row == 0
+            if main_process and (due or step == last):
                 save_checkpoint(run_dir, step, config, model, ema.model, training_state())
                 if tc.checkpoint_samples:
                     n = tc.checkpoint_samples
                     save_checkpoint_samples(ema.model, config, run_dir, step, n, 10 * n)
-    bar.close()
-    log.info("finished %d steps; checkpoints in %s", step, run_dir / "checkpoints")
+        if world > 1:
+            dist.barrier()
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+        model.set_activation_checkpointing(False)
+    if main_process:
+        log.info("finished %d steps; checkpoints in %s", step, run_dir / "checkpoints")
     return ema.model
 
 
+def divergence_message(run_dir: Path, step: int, count: int) -> str:
+    try:
+        kept = f"the latest checkpoint, {latest_checkpoint(run_dir).name}, is intact"
+    except CheckpointError:
+        kept = "no checkpoint was written yet"
+    return (
+        f"training diverged: {count} consecutive steps up to step {step} had a non-finite "
+        f"loss or gradient and were skipped; {kept}. Lower train.lr or train.grad_clip, or "
+        "raise train.noise_std, then resume with --resume (or raise train.max_skipped_steps)"
+    )
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drops metric lines logged after ``step`` (written before an interruption)."""
+    """Drops metric lines logged after ``step`` and lines cut short, both left behind by an
+    interruption."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the interruption
+        if isinstance(record, dict) and record.get("step", step + 1) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))

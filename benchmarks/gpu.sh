@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU check of the training step, about 5 minutes on one recent GPU: bf16 vs float32
+# throughput, torch.compile speed-up (its compile time shown as warm-up), activation
+# checkpointing, peak memory (torch.cuda.max_memory_allocated), then a short real
+# training run with checkpoints and a resume. Prints tables; writes
+# benchmarks/results/gpu.json and a run directory under ${OUT:-/tmp/tarflow-gpu}.
+#
+#     bash benchmarks/gpu.sh            # PYTHON=... to choose the interpreter
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT=${OUT:-/tmp/tarflow-gpu}
+
+"$PYTHON" - <<'PY'
+import torch
+assert torch.cuda.is_available(), "no CUDA device visible"
+print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, "
+      f"bf16 supported: {torch.cuda.is_bf16_supported()}")
+PY
+
+# Throughput and memory per variant; each case in a fresh process (compile included).
+timeout 420 "$PYTHON" benchmarks/training.py --device cuda --threads 8 --steps 30 \
+    --warmup 5 --json benchmarks/results/gpu.json
+
+# A short real run on the GPU: 200 steps in two parts (checkpoint, resume), bf16 + compile.
+rm -rf "$OUT"
+start=$(date +%s)
+timeout 150 "$PYTHON" -m tarflow train --config configs/fashion_mnist.yaml --out "$OUT" \
+    --set train.steps=200 --set train.device=cuda --set train.precision=bf16 \
+    --set train.compile=true --set train.checkpoint_every=100 --set train.log_every=20 \
+    --set train.checkpoint_samples=0 --stop-at 100 --no-progress
+timeout 120 "$PYTHON" -m tarflow train --config "$OUT/config.yaml" --out "$OUT" --resume \
+    --no-progress
+echo "training run: $(( $(date +%s) - start )) s for 200 steps (two compilations)"
+"$PYTHON" - "$OUT/metrics.jsonl" <<'PY'
+import json, sys
+print(f"{'step':>5} {'loss':>8} {'bits/dim':>9} {'grad norm':>10} {'images/s':>9} {'skipped':>8}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['step']:5d} {r['loss']:8.4f} {r['bits_per_dim']:9.4f} {r['grad_norm']:10.3f} "
+          f"{r['images_per_sec']:9.0f} {r['skipped_steps']:8d}")
+PY
