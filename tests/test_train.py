@@ -260,3 +260,16 @@ def test_resume_survives_a_metrics_line_cut_short(tmp_path):
     train(config, tmp_path, resume=True, progress=False)
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps == list(range(1, 9))
+
+
+def test_broken_checkpoint_says_how_to_fall_back(tmp_path):
+    train(tiny_config(steps=4, checkpoint_every=2), tmp_path, progress=False)
+    folder = latest_checkpoint(tmp_path)
+    (folder / "manifest.json").write_text("[]")
+    with pytest.raises(CheckpointError, match=r"\(step-00000002\) into"):
+        load_run(tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_text("../../elsewhere\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this run"):
+        load_run(tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000002\n")
+    assert load_run(tmp_path).state["step"] == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -129,27 +130,51 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
             f"{run_dir} has no checkpoint ({pointer} is missing); train it first with "
             f"`tarflow train --config CONFIG --out {run_dir}`"
         )
-    folder = root / pointer.read_text().strip()
-    if not folder.is_dir():
-        raise CheckpointError(f"{pointer} names {folder.name}, which does not exist")
-    return folder
+    name = pointer.read_text().strip()
+    if not re.fullmatch(r"step-\d{8}", name) or not (root / name).is_dir():
+        raise CheckpointError(
+            f"{pointer} names {name!r}, which is not a checkpoint of this run; "
+            f"{earlier_checkpoints_hint(root, None)}"
+        )
+    return root / name
+
+
+def earlier_checkpoints_hint(root: Path, broken: Path | None) -> str:
+    """How to fall back by hand: the other kept checkpoints and where to name one."""
+    others = sorted(p.name for p in root.glob("step-*") if p.is_dir() and p != broken)
+    if not others:
+        return "no other checkpoint is kept: retrain"
+    return (
+        f"to fall back, write the name of a kept checkpoint ({', '.join(others)}) into "
+        f"{root / 'latest'}"
+    )
 
 
 def verify_checkpoint(folder: Path) -> dict[str, Any]:
     """Checks every file of a checkpoint against its manifest; returns the manifest."""
     manifest_path = folder / MANIFEST_FILE
+    hint = earlier_checkpoints_hint(folder.parent, folder)
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint manifest {manifest_path} is unreadable: {err}") from err
-    for name, digest in manifest.get("sha256", {}).items():
+        raise CheckpointError(
+            f"checkpoint manifest {manifest_path} is unreadable: {err}; {hint}"
+        ) from err
+    digests = manifest.get("sha256") if isinstance(manifest, dict) else None
+    expected = {*WEIGHT_FILES, STATE_FILE, CONFIG_FILE}
+    if not isinstance(digests, dict) or not expected <= set(digests):
+        raise CheckpointError(
+            f"checkpoint manifest {manifest_path} does not list the SHA-256 of "
+            f"{', '.join(sorted(expected))}; {hint}"
+        )
+    for name, digest in digests.items():
         path = folder / name
         if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing")
+            raise CheckpointError(f"checkpoint file {path} is missing; {hint}")
         if sha256(path) != digest:
             raise CheckpointError(
                 f"checkpoint file {path} is corrupt or truncated (its SHA-256 does not match "
-                "the manifest); resume from an earlier checkpoint or retrain"
+                f"the manifest); {hint}"
             )
     return manifest
 
