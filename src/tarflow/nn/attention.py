@@ -63,6 +63,16 @@ class KVCache:
         self.length += n
 
 
+def single_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / √d) v for one query per sequence, as two batched matrix products.
+
+    On CPUs the fused attention kernel is slow for a single query (about 2.4× slower than
+    this on a 128 × 4-head × 49-token decode step), and one query never needs a mask.
+    """
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.softmax(dim=-1) @ v
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where token t attends to tokens 0..t.
 
@@ -94,7 +104,9 @@ class CausalSelfAttention(nn.Module):
         else:
             past = cache.length
             k, v = cache.write(k, v)
-            if n == 1:
+            if n == 1 and h.device.type == "cpu":
+                out = single_query_attention(q, k, v)
+            elif n == 1:
                 out = F.scaled_dot_product_attention(q, k, v)
             else:
                 rows = torch.arange(n, device=h.device)[:, None] + past
