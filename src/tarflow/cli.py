@@ -192,6 +192,8 @@ def command_sample(args: argparse.Namespace) -> None:
 
 
 def command_eval(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
     run = load_run(args.run, with_state=False)
     if args.metrics is not None or args.sweep_guidance is not None:
         command_eval_metrics(args, run)
@@ -210,7 +212,7 @@ def command_eval(args: argparse.Namespace) -> None:
 
 
 def command_eval_metrics(args: argparse.Namespace, run: LoadedRun) -> None:
-    metrics = parse_metrics(args.metrics or "fd,pr,accuracy")
+    metrics = parse_metrics("fd,pr,accuracy" if args.metrics is None else args.metrics)
     weights = [args.guidance]
     if args.sweep_guidance is not None:
         if args.guidance:

@@ -155,6 +155,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             the wrong type or range. The message names the key.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
