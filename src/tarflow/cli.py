@@ -13,6 +13,7 @@ import torch
 
 from tarflow.config import ConfigError, load_config
 from tarflow.data import load_dataset
+from tarflow.distributed import DEVICES, process_device, process_group, sum_over_ranks
 from tarflow.evaluate.bits_per_dim import evaluate_bits_per_dim
 from tarflow.evaluate.report import (
     METRIC_HELP,
@@ -25,7 +26,7 @@ from tarflow.image_grid import save_image_grid
 from tarflow.plots import plot_guidance_sweep, plot_training_curves
 from tarflow.sampling.denoise import tweedie_denoise
 from tarflow.sampling.guidance import RULES, Guidance
-from tarflow.sampling.solvers import SOLVERS, Solver, load_or_calibrate
+from tarflow.sampling.solvers import SOLVERS, Solver, SolverStats, load_or_calibrate
 from tarflow.train.checkpoint import CheckpointError, LoadedRun, load_run
 from tarflow.train.trainer import DivergenceError, train
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chunk-size", type=int, default=Solver.chunk_size, help="tokens per gs-jacobi chunk"
     )
+    add_device_argument(p)
 
     p = commands.add_parser(
         "eval",
@@ -129,11 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_device_argument(p)
 
     p = commands.add_parser("plot", help="training curves (and a saved guidance sweep) as PNG")
     p.add_argument("run", help="run directory")
     p.add_argument("--split", default="test", choices=("train", "test"))
     return parser
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the flow runs (auto: CUDA when present). Under torchrun the work is "
+        "shared between the processes, one GPU each, and rank 0 writes the results",
+    )
 
 
 def command_train(args: argparse.Namespace) -> None:
@@ -173,46 +186,78 @@ def command_sample(args: argparse.Namespace) -> None:
     guidance = Guidance(args.guidance, args.guidance_rule, args.guidance_ramp)
     solver = Solver(args.solver, args.tol, args.max_iters, args.chunk_size)
     num = len(y) if y is not None else args.num
-    if solver.name == "selective":
-        path = Path(args.run) / "solver-calibration.json"
-        load_or_calibrate(model, path, num, y, guidance, solver)
-    generator = torch.Generator().manual_seed(args.seed)
-    x, stats = model.sample_with_stats(num, y, args.temperature, guidance, generator, solver)
-    for i, block in enumerate(stats):
-        per_sample = block.iterations_per_sample.float()
-        log.info(
-            "block %d (noise side first): %s, %d Transformer passes, %.1f mean / %d max per "
-            "sample", i, block.solver, block.passes, per_sample.mean(), per_sample.max()
-        )
-    if not args.no_denoise and config.train.noise == "gaussian":
-        x = tweedie_denoise(model, x, config.train.noise_std, y)
+    device = process_device(args.device)
+    with process_group(device) as (rank, world):
+        model.to(device)
+        # Every process draws all the noise and inverts its contiguous share of it.
+        z = model.prior_noise(num, args.temperature, torch.Generator().manual_seed(args.seed))
+        share = torch.tensor_split(torch.arange(num), world)[rank]
+        x = torch.zeros(num, config.model.channels, *[config.model.image_size] * 2)
+        if len(share):
+            z_share = z[share]
+            y_share = None if y is None else y[share].to(device)
+            if solver.name == "selective":
+                path = Path(args.run) / "solver-calibration.json"
+                load_or_calibrate(
+                    model, path, len(share), y_share, guidance, solver, save=rank == 0
+                )
+            x_share, stats = model.inverse_with_stats(z_share, y_share, guidance, solver)
+            if rank == 0:
+                log_solver_stats(stats)
+            if not args.no_denoise and config.train.noise == "gaussian":
+                x_share = tweedie_denoise(model, x_share, config.train.noise_std, y_share)
+            x[share] = x_share.float().cpu()
+        x = sum_over_ranks(x)
+    if rank:
+        return
     out = Path(args.out) if args.out else Path(args.run) / "samples.png"
     save_image_grid(x.clamp(-1, 1), out, columns)
     print(f"wrote {len(x)} samples to {out}")
 
 
+def log_solver_stats(stats: list[SolverStats]) -> None:
+    for i, block in enumerate(stats):
+        per_sample = block.iterations_per_sample.float()
+        log.info(
+            "block %d (noise side first): %s, %d Transformer passes, %.1f mean / %d max per "
+            "sample",
+            i,
+            block.solver,
+            block.passes,
+            per_sample.mean(),
+            per_sample.max(),
+        )
+
+
 def command_eval(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    run = load_run(args.run, with_state=False)
-    if args.metrics is not None or args.sweep_guidance is not None:
-        command_eval_metrics(args, run)
-        return
-    config = run.config
-    data = load_dataset(config.data.dataset, config.data.root, args.split)
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
-    data = data.subset(args.limit)
-    result = evaluate_bits_per_dim(
-        run.ema_model, data, draws=args.draws, batch_size=args.batch_size, seed=args.seed
-    )
+    run = load_run(args.run, with_state=False)
+    device = process_device(args.device)
+    with process_group(device) as (rank, _):
+        run.ema_model.to(device)
+        if args.metrics is not None or args.sweep_guidance is not None:
+            command_eval_metrics(args, run)
+            return
+        config = run.config
+        data = load_dataset(config.data.dataset, config.data.root, args.split).subset(args.limit)
+        result = evaluate_bits_per_dim(
+            run.ema_model, data, draws=args.draws, batch_size=args.batch_size, seed=args.seed
+        )
+    if rank:
+        return
     result = {"split": args.split, "checkpoint": run.folder.name, **result}
     (Path(args.run) / f"eval-{args.split}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
 
 
 def command_eval_metrics(args: argparse.Namespace, run: LoadedRun) -> None:
-    metrics = parse_metrics("fd,pr,accuracy" if args.metrics is None else args.metrics)
+    if args.metrics is None:  # the default set, less what the model cannot support
+        metrics = ["fd", "pr", "accuracy"] if run.ema_model.num_classes else ["fd", "pr"]
+    else:
+        metrics = parse_metrics(args.metrics)
     weights = [args.guidance]
     if args.sweep_guidance is not None:
         if args.guidance:
@@ -236,6 +281,8 @@ def command_eval_metrics(args: argparse.Namespace, run: LoadedRun) -> None:
         seed=args.seed,
         progress=not args.no_progress,
     )
+    if report is None:  # a process other than rank 0 under torchrun
+        return
     run_dir = Path(args.run)
     print(format_table(report))
     name = "guidance-sweep" if "sweep" in report else "metrics"

@@ -73,6 +73,10 @@ class TrainConfig:
         compile: run the training forward pass through ``torch.compile``.
         activation_checkpointing: recompute each Transformer layer's activations in the
             backward pass instead of storing them (less memory, about one more forward).
+        strategy: data parallelism under torchrun: ``"ddp"`` (every process holds the whole
+            model; checkpoints are whole) or ``"fsdp"`` (FSDP2 ``fully_shard``: weights,
+            gradients and optimizer state sharded over the processes; checkpoints are
+            sharded and resume on any number of processes).
     """
 
     steps: int = 1000
@@ -97,6 +101,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
+    strategy: str = "ddp"
 
     def __post_init__(self) -> None:
         checks = [
@@ -119,6 +124,7 @@ class TrainConfig:
             (self.precision in ("float32", "bf16"), "train.precision must be float32 or bf16"),
             (self.max_skipped_steps > 0, "train.max_skipped_steps must be > 0"),
             (self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+            (self.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp"),
         ]
         for ok, message in checks:
             if not ok:

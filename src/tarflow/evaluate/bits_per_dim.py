@@ -9,6 +9,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tarflow.data import ImageDataset, dequantize
+from tarflow.distributed import owns_batch, sum_over_ranks
 from tarflow.models.image_flow import ImageFlow
 
 
@@ -35,6 +36,8 @@ def evaluate_bits_per_dim(
     With ``draws`` = K > 1 the bound is importance weighted per image,
     log p̂(k) = logsumexp_j log p(x_j) − log K with x_j = 2(k + u_j)/256 − 1, which is
     tighter. Class-conditional models are scored given the true label, log p(x | y).
+    Under torchrun the batches are shared between the processes, and every process
+    returns the result over all of ``data``.
 
     Returns:
         ``bits_per_dim`` (mean over images), ``standard_error`` (of that mean),
@@ -44,17 +47,21 @@ def evaluate_bits_per_dim(
         raise ValueError(f"draws must be >= 1, got {draws}")
     generator = torch.Generator().manual_seed(seed)
     num_dims = model.config.num_dims
-    per_image = []
+    device = next(model.parameters()).device
+    bpd = torch.zeros(len(data), dtype=torch.float64)
     model.eval()
-    for start in tqdm(range(0, len(data), batch_size), disable=not progress, desc="bits/dim"):
+    starts = range(0, len(data), batch_size)
+    for index, start in enumerate(tqdm(starts, disable=not progress, desc="bits/dim")):
         pixels = data.images[start : start + batch_size]
-        y = data.labels[start : start + batch_size] if model.num_classes else None
-        log_ps = torch.stack(
-            [model.log_prob(dequantize(pixels, generator), y) for _ in range(draws)]
-        )
-        log_p = torch.logsumexp(log_ps.double(), 0) - math.log(draws)
-        per_image.append(bits_per_dim(log_p, num_dims))
-    bpd = torch.cat(per_image)
+        # Every process draws the dequantization noise of every batch (see draw_samples).
+        xs = [dequantize(pixels, generator) for _ in range(draws)]
+        if not owns_batch(index):
+            continue
+        y = data.labels[start : start + batch_size].to(device) if model.num_classes else None
+        log_ps = torch.stack([model.log_prob(x.to(device), y).double() for x in xs])
+        log_p = torch.logsumexp(log_ps, 0) - math.log(draws)
+        bpd[start : start + len(pixels)] = bits_per_dim(log_p, num_dims).cpu()
+    bpd = sum_over_ranks(bpd)
     stderr = bpd.std().item() / math.sqrt(len(bpd)) if len(bpd) > 1 else float("nan")
     return {
         "bits_per_dim": bpd.mean().item(),

@@ -12,10 +12,14 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from tarflow.data import ImageDataset, load_dataset
+from tarflow.distributed import is_main_process
 from tarflow.evaluate.bits_per_dim import evaluate_bits_per_dim
 from tarflow.evaluate.features import ClassifierFeatures, extract_features
 from tarflow.evaluate.fid import load_inception
@@ -79,6 +83,49 @@ def few_samples(*stats: GaussianStatistics) -> bool:
     return any(s.num_samples <= s.dims for s in stats)
 
 
+@dataclass
+class DrawnSamples:
+    """Images drawn for the sample metrics, their labels, and how they were drawn."""
+
+    images: Tensor
+    labels: Tensor | None
+    sampling: dict[str, Any]
+
+
+def draw_for_metrics(
+    run: LoadedRun,
+    num_samples: int,
+    guidance: Guidance | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 250,
+    progress: bool = False,
+) -> DrawnSamples:
+    """Draws ``num_samples`` images from the run's EMA weights, balanced over the classes
+    of a class-conditional model. Under torchrun every process draws a share and all
+    receive every image."""
+    start = time.perf_counter()
+    images, labels = draw_samples(
+        run.ema_model,
+        num_samples,
+        denoise_sigma(run.config),
+        guidance,
+        temperature,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    sampling = {
+        "num_samples": num_samples,
+        "guidance": guidance.weight if guidance else 0.0,
+        "guidance_rule": guidance.rule if guidance else None,
+        "temperature": temperature,
+        "seed": seed,
+        "seconds": time.perf_counter() - start,
+    }
+    return DrawnSamples(images, labels, sampling)
+
+
 def sample_metrics(
     run: LoadedRun,
     metrics: Sequence[str],
@@ -116,34 +163,34 @@ def sample_metrics(
         FID and FD entries carry ``few_samples``: true when either side has no more
         images than feature dimensions (then no FewSamplesWarning is issued).
     """
+    check_sample_metrics(run, metrics)
+    drawn = draw_for_metrics(run, num_samples, guidance, temperature, seed, batch_size, progress)
+    return score_samples(run, metrics, drawn, split, num_reference, cache_dir, progress)
+
+
+def check_sample_metrics(run: LoadedRun, metrics: Sequence[str]) -> None:
     unknown = [m for m in metrics if m not in SAMPLE_METRICS]
     if unknown:
         raise ValueError(f"{unknown} are not sample metrics; choose from {SAMPLE_METRICS}")
-    model, config = run.ema_model, run.config
-    dataset, root = config.data.dataset, config.data.root
-    if "accuracy" in metrics and not model.num_classes:
-        raise ValueError("the accuracy metric needs a class-conditional model")
+    if "accuracy" in metrics and not run.ema_model.num_classes:
+        raise ValueError(
+            "the accuracy metric needs a class-conditional model; leave it out of --metrics"
+        )
 
-    start = time.perf_counter()
-    images, labels = draw_samples(
-        model,
-        num_samples,
-        denoise_sigma(config),
-        guidance,
-        temperature,
-        seed=seed,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    sampling = {
-        "num_samples": num_samples,
-        "guidance": guidance.weight if guidance else 0.0,
-        "guidance_rule": guidance.rule if guidance else None,
-        "temperature": temperature,
-        "seed": seed,
-        "seconds": time.perf_counter() - start,
-    }
 
+def score_samples(
+    run: LoadedRun,
+    metrics: Sequence[str],
+    drawn: DrawnSamples,
+    split: str = "test",
+    num_reference: int | None = None,
+    cache_dir: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The sample metrics of drawn images (see :func:`sample_metrics`)."""
+    check_sample_metrics(run, metrics)
+    dataset, root = run.config.data.dataset, run.config.data.root
+    images, labels, num_samples = drawn.images, drawn.labels, len(drawn.images)
     results: dict[str, dict[str, Any]] = {}
     classifier = test_accuracy = None
     if {"fd", "pr", "accuracy"} & set(metrics):
@@ -192,7 +239,7 @@ def sample_metrics(
             "num_samples": num_samples,
             "seconds": time.perf_counter() - start,
         }
-    return {"sampling": sampling, "metrics": results}
+    return {"sampling": drawn.sampling, "metrics": results}
 
 
 def bpd_metric(
@@ -224,7 +271,7 @@ def evaluate_run(
     seed: int = 0,
     cache_dir: str | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """The report of ``tarflow eval``: bits/dim once, sample metrics per guidance weight.
 
     Arguments:
@@ -246,7 +293,9 @@ def evaluate_run(
     Returns:
         ``run``, ``checkpoint``, ``split``, ``metrics`` (bits/dim and, for one weight,
         the sample metrics), ``sampling`` (how samples were drawn), and for several
-        weights a ``sweep`` list of ``{"guidance", "sampling", "metrics"}``.
+        weights a ``sweep`` list of ``{"guidance", "sampling", "metrics"}``. Under
+        torchrun, bits/dim and the draws are shared between the processes; rank 0 gets
+        the report and the others None.
     """
     if limit is not None and limit < 1:
         raise ValueError("--limit must be >= 1")
@@ -266,30 +315,29 @@ def evaluate_run(
 
     wanted = [m for m in metrics if m in SAMPLE_METRICS]
     if not wanted:
-        return report
-    rows = []
+        return report if is_main_process() else None
+    check_sample_metrics(run, wanted)
+    guidances = []
     for weight in guidance_weights:
         guidance = Guidance(weight, guidance_rule) if run.ema_model.num_classes else None
         if guidance is None and weight > 0:
             raise ValueError("guidance needs a class-conditional model")
-        rows.append(
-            {
-                "guidance": weight,
-                **sample_metrics(
-                    run,
-                    wanted,
-                    num_samples,
-                    split,
-                    guidance,
-                    temperature,
-                    seed,
-                    num_reference,
-                    batch_size,
-                    cache_dir,
-                    progress,
-                ),
-            }
-        )
+        guidances.append(guidance)
+    # The flow's work is shared between processes; the features and metrics are computed
+    # by rank 0 alone, after the others have finished.
+    drawn = [
+        draw_for_metrics(run, num_samples, guidance, temperature, seed, batch_size, progress)
+        for guidance in guidances
+    ]
+    if not is_main_process():
+        return None
+    rows = [
+        {
+            "guidance": weight,
+            **score_samples(run, wanted, samples, split, num_reference, cache_dir, progress),
+        }
+        for weight, samples in zip(guidance_weights, drawn)
+    ]
     if len(rows) == 1:
         report["sampling"] = rows[0]["sampling"]
         report["metrics"].update(rows[0]["metrics"])

@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tarflow.config import RunConfig
+from tarflow.distributed import owns_batch, sum_over_ranks
 from tarflow.image_grid import save_image_grid
 from tarflow.models.image_flow import ImageFlow
 from tarflow.sampling.denoise import tweedie_denoise
@@ -41,8 +42,13 @@ def draw_samples(
     seed: int = 0,
     batch_size: int = 250,
     progress: bool = False,
+    share: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Draws ``num`` images in [−1, 1] (noise → data) in batches.
+
+    Under torchrun, with ``share``, the batches are shared round-robin between the
+    processes and every process returns all ``num`` images, the same as one process would
+    draw (see :mod:`tarflow.distributed`); every process must then call it.
 
     Arguments:
         model: the flow; class-conditional models draw ``labels``.
@@ -56,6 +62,8 @@ def draw_samples(
         seed: seed of the generator of the prior draws.
         batch_size: images per inverse pass.
         progress: show a tqdm bar.
+        share: split the work between the processes of a process group; false draws
+            everything in this process alone.
 
     Returns:
         Images (num, C, H, W) clamped to [−1, 1], and their labels (None if
@@ -73,19 +81,26 @@ def draw_samples(
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    chunks = []
+    param = next(model.parameters())
+    c, size = model.config.channels, model.config.image_size
+    images = torch.zeros(num, c, size, size, dtype=param.dtype)
     bar = tqdm(total=num, disable=not progress, desc="sampling", unit="img")
-    for start in range(0, num, batch_size):
-        y = None if labels is None else labels[start : start + batch_size]
+    for index, start in enumerate(range(0, num, batch_size)):
         count = min(batch_size, num - start)
-        x = model.sample(count, y, temperature, guidance, generator)
+        # Every process draws the noise of every batch, so that the generator stays in
+        # step and the samples do not depend on the number of processes.
+        z = model.prior_noise(count, temperature, generator)
+        if share and not owns_batch(index):
+            continue
+        y = None if labels is None else labels[start : start + count].to(param.device)
+        x = model.inverse(z, y, guidance)
         if sigma > 0:
             x = tweedie_denoise(model, x, sigma, y)
-        chunks.append(x.clamp(-1, 1).cpu())
+        images[start : start + count] = x.clamp(-1, 1).cpu()
         bar.update(count)
     bar.close()
     model.train(was_training)
-    return torch.cat(chunks), labels
+    return (sum_over_ranks(images) if share else images), labels
 
 
 def save_checkpoint_samples(
@@ -127,6 +142,7 @@ def save_checkpoint_samples(
         denoise_sigma(config),
         labels=labels,
         seed=seed,
+        share=False,  # drawn by rank 0 alone while training
     )
     path = Path(run_dir) / "samples" / f"step-{step:08d}.png"
     return save_image_grid(x, path, columns)

@@ -64,9 +64,7 @@ class AutoregressiveBlock(Transform):
         self.embed = nn.Linear(token_dim, width)
         self.start = nn.Parameter(0.02 * torch.randn(1, 1, width))
         self.position = nn.Parameter(0.02 * torch.randn(1, num_tokens, width))
-        self.class_embedding = (
-            nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
-        )
+        self.class_embedding = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         if self.class_embedding is not None:
             nn.init.normal_(self.class_embedding.weight, std=0.02)
         self.layers = nn.ModuleList(

@@ -249,6 +249,13 @@ class ImageFlow(nn.Module):
         if z.shape[1:] != self.token_shape:
             raise ValueError(f"z must have shape (B, {self.token_shape}), got {tuple(z.shape)}")
         self.check_labels(y, z.shape[0])
+        if guidance is not None and not isinstance(guidance, Guidance):
+            raise ValueError(
+                f"guidance must be a tarflow.Guidance, e.g. Guidance({guidance!r}), "
+                f"got {type(guidance).__name__}"
+            )
+        if guidance is not None and guidance.weight > 0 and self.num_classes == 0:
+            raise ValueError("guidance needs a class-conditional model")
         calibration = self.solver_calibration
         if solver.name == "selective":
             if calibration is None:
@@ -306,21 +313,20 @@ class ImageFlow(nn.Module):
     ) -> tuple[Tensor, list[SolverStats]]:
         """:meth:`sample`, also returning the per-block solver statistics of
         :meth:`inverse_with_stats`."""
+        z = self.prior_noise(num, temperature, generator)
+        if y is not None:
+            y = y.to(z.device)
+        return self.inverse_with_stats(z, y, guidance, solver)
+
+    def prior_noise(
+        self, num: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """z ~ N(0, temperature² I) of shape (num, T, d), on the model's device and dtype."""
         if isinstance(num, bool) or not isinstance(num, int) or num < 1:
             raise ValueError(f"num must be a positive integer, got {num!r}")
         if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        if guidance is not None and not isinstance(guidance, Guidance):
-            raise ValueError(
-                f"guidance must be a tarflow.Guidance, e.g. Guidance({guidance!r}), "
-                f"got {type(guidance).__name__}"
-            )
-        if guidance is not None and guidance.weight > 0 and self.num_classes == 0:
-            raise ValueError("guidance needs a class-conditional model")
         param = next(self.parameters())
-        z = self.prior.sample(
+        return self.prior.sample(
             (num, *self.token_shape), temperature, generator, param.dtype, param.device
         )
-        if y is not None:
-            y = y.to(param.device)
-        return self.inverse_with_stats(z, y, guidance, solver)

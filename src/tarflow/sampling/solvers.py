@@ -152,11 +152,13 @@ def invert_block(
     if solver.name == "sequential":
         return sequential_inverse(block, z, y, guidance, predict)
     if solver.name == "jacobi":
-        return jacobi_inverse(block, z, y, guidance, z.shape[1], solver.tol, solver.max_iters,
-                              predict)
+        return jacobi_inverse(
+            block, z, y, guidance, z.shape[1], solver.tol, solver.max_iters, predict
+        )
     if solver.name == "gs-jacobi":
-        return jacobi_inverse(block, z, y, guidance, solver.chunk_size, solver.tol,
-                              solver.max_iters, predict)
+        return jacobi_inverse(
+            block, z, y, guidance, solver.chunk_size, solver.tol, solver.max_iters, predict
+        )
     raise ValueError(
         f"solver {solver.name!r} chooses per block of a calibrated model: pass it to "
         f"ImageFlow.inverse or ImageFlow.sample; for one block choose one of {BLOCK_SOLVERS}"
@@ -285,8 +287,9 @@ def jacobi_inverse(
     wide = torch.promote_types(z.dtype, torch.float32)
 
     # One chunk covering the sequence needs no cache: the pass is a plain causal one.
-    caches = None if num_chunks == 1 else block.new_caches(2 * b if guided else b, z.dtype,
-                                                           z.device)
+    caches = (
+        None if num_chunks == 1 else block.new_caches(2 * b if guided else b, z.dtype, z.device)
+    )
     x = torch.empty_like(z)
     iterations = torch.zeros(num_chunks, b, dtype=torch.long, device=z.device)
     passes = token_rows = 0
@@ -300,9 +303,7 @@ def jacobi_inverse(
         active = everyone
         z_c = x_c = z[:, s:e]
         first = (
-            block.start.expand(b, -1, -1).to(z.dtype)
-            if s == 0
-            else block.embed(x[:, s - 1 : s])
+            block.start.expand(b, -1, -1).to(z.dtype) if s == 0 else block.embed(x[:, s - 1 : s])
         )
         y_c = y_all
         layer_caches = caches
@@ -338,8 +339,7 @@ def jacobi_inverse(
                 y_c = None if y_all is None else y_all[rows_after]
                 if layer_caches is not None:
                     assert caches is not None
-                    layer_caches = select_rows(caches, layer_caches, rows_before, rows_after,
-                                               s, e)
+                    layer_caches = select_rows(caches, layer_caches, rows_before, rows_after, s, e)
 
         if caches is not None and e < t_count:
             if layer_caches is not caches:
@@ -348,7 +348,10 @@ def jacobi_inverse(
                 cache.advance(e - s)
 
     return x, SolverStats(
-        "jacobi" if num_chunks == 1 else "gs-jacobi", chunk_size, iterations, passes,
+        "jacobi" if num_chunks == 1 else "gs-jacobi",
+        chunk_size,
+        iterations,
+        passes,
         token_rows,
     )
 
@@ -388,8 +391,7 @@ def select_rows(
     selected = []
     for full in caches:
         _, heads, _, head_dim = full.keys.shape
-        part = KVCache(rows_after.numel(), heads, end, head_dim, full.keys.dtype,
-                       full.keys.device)
+        part = KVCache(rows_after.numel(), heads, end, head_dim, full.keys.dtype, full.keys.device)
         part.keys[:, :, :start] = full.keys[rows_after, :, :start]
         part.values[:, :, :start] = full.values[rows_after, :, :start]
         part.advance(start)
@@ -442,8 +444,15 @@ class Calibration:
         choice = self.choices[index]
         return replace(base, name=choice.solver, chunk_size=choice.chunk_size)
 
-    def matches(self, batch_size: int, guided: bool, device: torch.device, dtype: torch.dtype,
-                solver: Solver, chunk_sizes: Sequence[int]) -> bool:
+    def matches(
+        self,
+        batch_size: int,
+        guided: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+        solver: Solver,
+        chunk_sizes: Sequence[int],
+    ) -> bool:
         """Whether this calibration was made under the given conditions."""
         return (
             self.batch_size == batch_size
@@ -564,12 +573,14 @@ def calibrate(
         if not isinstance(transform, AutoregressiveBlock):
             z = transform.inverse(z, y)
             continue
-        best, x, _ = time_solver(transform, z, y, guidance, replace(base, name="sequential"),
-                                 repeats)
+        best, x, _ = time_solver(
+            transform, z, y, guidance, replace(base, name="sequential"), repeats
+        )
         choice = BlockChoice("sequential", base.chunk_size, {"sequential": best})
         for key, candidate in candidates.items():
-            one_pass, _, _ = time_solver(transform, z, y, guidance,
-                                         replace(candidate, max_iters=1), repeats)
+            one_pass, _, _ = time_solver(
+                transform, z, y, guidance, replace(candidate, max_iters=1), repeats
+            )
             if one_pass >= best:
                 choice.seconds[key] = one_pass
                 choice.stopped.append(key)
@@ -577,8 +588,12 @@ def calibrate(
             cap = int(best / one_pass) + 1
             capped = cap < min(candidate.chunk_size, t_count, candidate.max_iters or t_count)
             seconds, _, stats = time_solver(
-                transform, z, y, guidance,
-                replace(candidate, max_iters=cap) if capped else candidate, repeats,
+                transform,
+                z,
+                y,
+                guidance,
+                replace(candidate, max_iters=cap) if capped else candidate,
+                repeats,
             )
             if capped and (stats.iterations >= cap).any():
                 if seconds >= best:
@@ -592,8 +607,12 @@ def calibrate(
                 best, choice.solver = seconds, candidate.name
                 choice.chunk_size = candidate.chunk_size
         choices.append(choice)
-        log.info("block %d (noise side first): %s (%s)", len(choices) - 1, choice.solver,
-                 ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in choice.seconds.items()))
+        log.info(
+            "block %d (noise side first): %s (%s)",
+            len(choices) - 1,
+            choice.solver,
+            ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in choice.seconds.items()),
+        )
         z = x
 
     calibration = Calibration(
@@ -618,9 +637,11 @@ def load_or_calibrate(
     guidance: Guidance | None = None,
     solver: Solver | str = "selective",
     chunk_sizes: Sequence[int] | None = None,
+    save: bool = True,
 ) -> Calibration:
     """The calibration stored at ``path`` when it was made under the same conditions,
-    else a new one, written to ``path``; either way set on the model."""
+    else a new one, written to ``path`` unless ``save`` is false; either way set on the
+    model."""
     base = Solver.of(solver)
     chunk_sizes = list(chunk_sizes or [base.chunk_size])
     param = next(model.parameters())
@@ -630,13 +651,16 @@ def load_or_calibrate(
         stored = Calibration.load(path)
         if stored.matches(batch_size, guided, param.device, param.dtype, base, chunk_sizes):
             if len(stored.choices) != len(model.blocks):
-                raise ValueError(f"{path} holds {len(stored.choices)} block choices but the "
-                                 f"model has {len(model.blocks)} blocks")
+                raise ValueError(
+                    f"{path} holds {len(stored.choices)} block choices but the "
+                    f"model has {len(model.blocks)} blocks"
+                )
             model.solver_calibration = stored
             return stored
         log.info("%s was made for other sampling settings; calibrating again", path)
     else:
         log.info("calibrating the selective solver (written to %s)", path)
     calibration = calibrate(model, batch_size, y, guidance, base, chunk_sizes)
-    calibration.save(path)
+    if save:
+        calibration.save(path)
     return calibration

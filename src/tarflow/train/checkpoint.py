@@ -5,6 +5,13 @@ file naming the newest complete one. Each checkpoint is written into a temporary
 and renamed into place, then ``latest`` is replaced atomically, so an interrupted save
 never leaves a partial checkpoint behind. A ``manifest.json`` records the SHA-256 of every
 file, which loading verifies.
+
+Two layouts hold the same content. A whole checkpoint (data parallel or one process) has
+``model.safetensors`` and ``ema.safetensors``, and the optimizer inside ``state.pt``. A
+sharded checkpoint (``train.strategy: fsdp``) has a ``sharded/`` folder written by every
+process together with ``torch.distributed.checkpoint``: weights, averaged weights and
+optimizer moments, each process writing its own shards, re-split on loading for any
+number of processes. Under several nodes the run directory must be one shared file system.
 """
 
 from __future__ import annotations
@@ -15,22 +22,33 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from tarflow.config import ConfigError, RunConfig, load_config
+from tarflow.distributed import barrier, rank_and_world
 from tarflow.models.image_flow import ImageFlow
 
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "manifest.json"
+SHARDED_DIR = "sharded"
+SHARDED_METADATA = f"{SHARDED_DIR}/.metadata"
 KEEP = 2
 
 
@@ -84,7 +102,6 @@ def save_checkpoint(
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
     try:
         save_file(
@@ -95,18 +112,81 @@ def save_checkpoint(
         )
         torch.save({"step": step, **state}, tmp / STATE_FILE)
         config.save(tmp / CONFIG_FILE)
-        files = [*WEIGHT_FILES, STATE_FILE, CONFIG_FILE]
-        for name in files:
-            fsync_file(tmp / name)
-        manifest = {"step": step, "sha256": {name: sha256(tmp / name) for name in files}}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        fsync_file(tmp / MANIFEST_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        return publish(tmp, step, [*WEIGHT_FILES, STATE_FILE, CONFIG_FILE])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    config: RunConfig,
+    model: nn.Module,
+    ema_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+) -> Path:
+    """Writes the sharded checkpoint of ``step`` atomically; every process calls it.
+
+    Each process writes the shards it holds of the weights, the averaged weights and the
+    optimizer moments into ``sharded/``; rank 0 adds ``state.pt`` (``state`` minus the
+    optimizer), the config and the manifest, and publishes the folder as :func:`save_checkpoint`
+    does. Models that are not sharded (one process) write a single shard.
+
+    Returns:
+        The checkpoint folder.
+    """
+    rank, world = rank_and_world()
+    root = Path(run_dir) / "checkpoints"
+    names: list[str | None] = [None]
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        names[0] = tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-")
+    if world > 1:
+        dist.broadcast_object_list(names, src=0)
+    tmp = Path(str(names[0]))
+    try:
+        tensors = {
+            "model": get_model_state_dict(model),
+            "ema": get_model_state_dict(ema_model),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+        }
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*assuming the intent is to", UserWarning)
+            dcp.save(tensors, checkpoint_id=tmp / SHARDED_DIR)
+        barrier()
+        final = root / f"step-{step:08d}"
+        if rank == 0:
+            torch.save({"step": step, **state}, tmp / STATE_FILE)
+            config.save(tmp / CONFIG_FILE)
+            shards = sorted(str(path.relative_to(tmp)) for path in (tmp / SHARDED_DIR).iterdir())
+            publish(tmp, step, [STATE_FILE, CONFIG_FILE, *shards], layout="sharded")
+        barrier()
+        return final
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def publish(tmp: Path, step: int, files: list[str], layout: str = "whole") -> Path:
+    """Seals a checkpoint written into ``tmp``: fsyncs its files, writes the manifest,
+    renames the folder to ``step-NNNNNNNN``, points ``latest`` at it and prunes old ones."""
+    root = tmp.parent
+    final = root / f"step-{step:08d}"
+    for name in files:
+        fsync_file(tmp / name)
+    manifest = {
+        "step": step,
+        "layout": layout,
+        "sha256": {name: sha256(tmp / name) for name in files},
+    }
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+    fsync_file(tmp / MANIFEST_FILE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
     atomic_write_text(root / "latest", final.name + "\n")
 
     kept = sorted(p for p in root.glob("step-*") if p.is_dir())
@@ -161,7 +241,8 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
             f"checkpoint manifest {manifest_path} is unreadable: {err}; {hint}"
         ) from err
     digests = manifest.get("sha256") if isinstance(manifest, dict) else None
-    expected = {*WEIGHT_FILES, STATE_FILE, CONFIG_FILE}
+    sharded = isinstance(manifest, dict) and manifest.get("layout") == "sharded"
+    expected = {STATE_FILE, CONFIG_FILE, *([SHARDED_METADATA] if sharded else WEIGHT_FILES)}
     if not isinstance(digests, dict) or not expected <= set(digests):
         raise CheckpointError(
             f"checkpoint manifest {manifest_path} does not list the SHA-256 of "
@@ -193,6 +274,61 @@ def load_weights(model: nn.Module, path: Path) -> None:
         ) from err
 
 
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return (folder / SHARDED_DIR).is_dir()
+
+
+def load_sharded(folder: Path, models: dict[str, nn.Module]) -> None:
+    """Loads the named weight sets of a sharded checkpoint into whole models, strictly.
+
+    Every process of a process group must call it (each reads what it needs); outside
+    one it reads everything in this process.
+    """
+    path = folder / SHARDED_DIR
+    try:
+        stored = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    except Exception as err:
+        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {err}") from err
+    tensors = {}
+    for name, model in models.items():
+        own = model.state_dict()
+        theirs = {key[len(name) + 1 :] for key in stored if key.startswith(name + ".")}
+        missing, unexpected = sorted(set(own) - theirs), sorted(theirs - set(own))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"weights {name!r} in {path} do not fit this model (mismatched config?): "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        tensors[name] = own
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*assuming the intent is to", UserWarning)
+            dcp.load(tensors, checkpoint_id=path)
+    except Exception as err:
+        raise CheckpointError(
+            f"weights in {path} do not fit this model (mismatched config?): {err}"
+        ) from err
+    for name, model in models.items():
+        model.load_state_dict(tensors[name], strict=True)
+
+
+def load_sharded_optimizer(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    """Loads the optimizer moments of a sharded checkpoint into ``optimizer`` (of
+    ``model``, sharded or whole, on any number of processes); every process calls it."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*assuming the intent is to", UserWarning)
+            dcp.load(state, checkpoint_id=folder / SHARDED_DIR)
+    except Exception as err:
+        raise CheckpointError(
+            f"the optimizer state in {folder / SHARDED_DIR} does not fit: {err}"
+        ) from err
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
 @dataclass
 class LoadedRun:
     """A checkpoint read back: the config, both weight sets, and the training state."""
@@ -217,8 +353,11 @@ def load_run(run_dir: str | Path, with_state: bool = True) -> LoadedRun:
     except ConfigError as err:
         raise CheckpointError(f"checkpoint config in {folder} is invalid: {err}") from err
     model, ema_model = ImageFlow(config.model), ImageFlow(config.model)
-    load_weights(model, folder / WEIGHT_FILES[0])
-    load_weights(ema_model, folder / WEIGHT_FILES[1])
+    if is_sharded_checkpoint(folder):
+        load_sharded(folder, {"model": model, "ema": ema_model})
+    else:
+        load_weights(model, folder / WEIGHT_FILES[0])
+        load_weights(ema_model, folder / WEIGHT_FILES[1])
     state: dict[str, Any] = {}
     if with_state:
         try:

@@ -6,7 +6,10 @@ augmentation noise and dropped labels, then trains on its own contiguous shard. 
 process's loss is the mean over its shard, so the gradients averaged by
 DistributedDataParallel equal the gradient of the mean over the global batch: the run
 does not depend on the number of processes beyond float rounding, and its checkpoints
-(written whole by rank 0) resume on any number of processes.
+resume on any number of processes. ``train.strategy`` picks how the model is replicated:
+``ddp`` keeps a whole copy in every process (checkpoints written whole by rank 0),
+``fsdp`` shards it (see :mod:`tarflow.train.parallel`; checkpoints written in shards by
+every process).
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +31,27 @@ from tqdm.auto import tqdm
 
 from tarflow.config import RunConfig
 from tarflow.data import ImageDataset, dequantize, load_dataset, to_unit_range
+from tarflow.distributed import launched_world_size, process_device, process_group, rank_and_world
 from tarflow.evaluate.bits_per_dim import bits_per_dim
 from tarflow.evaluate.samples import save_checkpoint_samples
 from tarflow.models.image_flow import ImageFlow
-from tarflow.train.checkpoint import CheckpointError, latest_checkpoint, load_run, save_checkpoint
+from tarflow.train.checkpoint import (
+    CheckpointError,
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    load_run,
+    load_sharded_optimizer,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from tarflow.train.ema import EMA
+from tarflow.train.parallel import (
+    clip_gradients,
+    gathered_model,
+    is_sharded,
+    load_whole_optimizer_state,
+    shard_model,
+)
 from tarflow.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -164,9 +182,7 @@ def training_step(
     if dist.is_initialized():
         dist.all_reduce(stats)
         stats /= dist.get_world_size()
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
-    ).item()
+    grad_norm = clip_gradients(model.parameters(), tc.grad_clip)
     loss_value, log_p_mean = stats.tolist()
     if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -194,25 +210,10 @@ def check_data_fits(data: ImageDataset, config: RunConfig) -> None:
 def training_device(config: RunConfig) -> torch.device:
     """The device of this process: ``train.device``, and under torchrun the GPU numbered
     ``LOCAL_RANK``."""
-    kind = config.train.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    if kind == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("train.device is cuda but PyTorch sees no CUDA device")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if local_rank >= torch.cuda.device_count():
-        raise ValueError(
-            f"process {local_rank} of this node has no GPU of its own ({torch.cuda.device_count()}"
-            " visible); start at most one process per GPU (torchrun --nproc_per_node)"
-        )
-    return torch.device("cuda", local_rank)
-
-
-def world_size() -> int:
-    """Number of training processes: ``WORLD_SIZE`` as set by torchrun, else 1."""
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        return process_device(config.train.device)
+    except ValueError as err:
+        raise ValueError(f"train.device: {err}") from err
 
 
 def shard(batch: Tensor | None, rank: int, world: int) -> Tensor | None:
@@ -259,23 +260,15 @@ def train(
             checkpoints written before them are left as they were.
     """
     tc = config.train
-    world = world_size()
+    world = launched_world_size()
     if tc.batch_size % world:
         raise ValueError(
             f"train.batch_size {tc.batch_size} (the global batch) must be divisible by the "
             f"number of processes {world}"
         )
     device = training_device(config)
-    owns_group = world > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:
+    with process_group(device):
         return train_process(config, Path(run_dir), resume, progress, stop_at, device)
-    finally:
-        if owns_group:
-            dist.destroy_process_group()
 
 
 def train_process(
@@ -288,8 +281,9 @@ def train_process(
 ) -> ImageFlow:
     """The body of :func:`train` in one process, after the process group is set up."""
     tc = config.train
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     main_process = rank == 0
+    sharded_layout = tc.strategy == "fsdp"
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
@@ -311,6 +305,8 @@ def train_process(
         model = loaded.model.to(device)
         ema = EMA(loaded.ema_model.to(device), tc.ema_decay)
         state = loaded.state
+        if not sharded_layout and is_sharded_checkpoint(loaded.folder):
+            log.info("resuming a sharded checkpoint with train.strategy ddp")
     else:
         if (run_dir / "checkpoints" / "latest").exists():
             raise FileExistsError(
@@ -328,6 +324,9 @@ def train_process(
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.yaml")
 
+    if sharded_layout and world > 1:
+        shard_model(model, device, world)
+        shard_model(ema.model, device, world)
     generator = torch.Generator().manual_seed(tc.seed)
     sampler = EpochSampler(len(data), tc.batch_size, generator)
     optimizer = torch.optim.AdamW(
@@ -336,7 +335,10 @@ def train_process(
     step = skipped_total = skipped_in_a_row = 0
     if state:
         step = int(state["step"])
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            load_whole_optimizer_state(model, optimizer, state["optimizer"])
+        else:
+            load_sharded_optimizer(loaded.folder, model, optimizer)
         sampler.load_state_dict(state["sampler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -349,7 +351,7 @@ def train_process(
 
     def training_state() -> dict[str, Any]:
         return {
-            "optimizer": optimizer.state_dict(),
+            **({} if sharded_layout else {"optimizer": optimizer.state_dict()}),
             "sampler": sampler.state_dict(),
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -358,6 +360,18 @@ def train_process(
             "skipped_in_a_row": skipped_in_a_row,
         }
 
+    def save(step: int, state: dict[str, Any]) -> None:
+        """The checkpoint of ``step`` (every process calls this) and its sample grid."""
+        if sharded_layout:
+            save_sharded_checkpoint(run_dir, step, config, model, ema.model, optimizer, state)
+        elif main_process:
+            save_checkpoint(run_dir, step, config, model, ema.model, state)
+        if tc.checkpoint_samples:
+            ema_model = gathered_model(ema.model) if is_sharded(ema.model) else ema.model
+            if main_process:
+                n = tc.checkpoint_samples
+                save_checkpoint_samples(ema_model, config, run_dir, step, n, 10 * n)
+
     if stop_at is not None and not step < stop_at <= tc.steps:
         raise ValueError(f"stop_at must lie in {step + 1}..{tc.steps}, got {stop_at}")
     last = tc.steps if stop_at is None else stop_at
@@ -365,7 +379,7 @@ def train_process(
 
     model.set_activation_checkpointing(tc.activation_checkpointing)
     objective: nn.Module = LogLikelihood(model)
-    if world > 1:
+    if world > 1 and not sharded_layout:
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -436,11 +450,8 @@ def train_process(
             bar.update(1)
 
             due = step % tc.checkpoint_every == 0 and skipped_in_a_row == 0
-            if main_process and (due or step == last):
-                save_checkpoint(run_dir, step, config, model, ema.model, training_state())
-                if tc.checkpoint_samples:
-                    n = tc.checkpoint_samples
-                    save_checkpoint_samples(ema.model, config, run_dir, step, n, 10 * n)
+            if due or step == last:
+                save(step, training_state())
         if world > 1:
             dist.barrier()
     finally:
@@ -450,6 +461,8 @@ def train_process(
         model.set_activation_checkpointing(False)
     if main_process:
         log.info("finished %d steps; checkpoints in %s", step, run_dir / "checkpoints")
+    if is_sharded(ema.model):
+        return gathered_model(ema.model, everywhere=True)
     return ema.model
 
 
