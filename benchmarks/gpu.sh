@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU check of the training step, about 5 minutes on one recent GPU: bf16 vs float32
-# throughput, torch.compile speed-up (its compile time shown as warm-up), activation
-# checkpointing, peak memory (torch.cuda.max_memory_allocated), then a short real
-# training run with checkpoints and a resume. Prints tables; writes
-# benchmarks/results/gpu.json and a run directory under ${OUT:-/tmp/tarflow-gpu}.
+# GPU checks, meant to finish within 10 minutes on one recent GPU (every part has its own
+# timeout): bf16 vs float32 training throughput, torch.compile speed-up (its compile time
+# shown as warm-up), activation checkpointing, peak memory
+# (torch.cuda.max_memory_allocated); a short real training run with checkpoints and a
+# resume; then the sampling table of every solver on that run's weights. Prints tables;
+# writes benchmarks/results/gpu.json, benchmarks/results/sampling-gpu.json and a run
+# directory under ${OUT:-/tmp/tarflow-gpu}.
 #
 #     bash benchmarks/gpu.sh            # PYTHON=... to choose the interpreter
 set -euo pipefail
@@ -40,3 +42,8 @@ for line in open(sys.argv[1]):
     print(f"{r['step']:5d} {r['loss']:8.4f} {r['bits_per_dim']:9.4f} {r['grad_norm']:10.3f} "
           f"{r['images_per_sec']:9.0f} {r['skipped_steps']:8d}")
 PY
+
+# Sampling speed of every solver on the GPU (demo weights from the run above, deep model
+# random), batch 1 and 64, against one parallel forward pass.
+timeout 200 "$PYTHON" benchmarks/sampling.py --run "$OUT" --device cuda \
+    --json benchmarks/results/sampling-gpu.json

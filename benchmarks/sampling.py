@@ -10,6 +10,10 @@ The floor is the time of one parallel forward pass, ``model.log_prob``, on the s
     python benchmarks/sampling.py                  # random models, batch 1 and 64
     python benchmarks/sampling.py --run runs/NAME  # the run's EMA model as the demo model
     python benchmarks/sampling.py --quick          # demo model only, batch 1 and 16
+    python benchmarks/sampling.py --device cuda    # on a GPU (times synchronise the device)
+    python benchmarks/sampling.py --compile        # every solver's passes torch.compile'd
+
+With ``--compile`` every round but the last is a warm-up (compilation is not timed).
 """
 
 from __future__ import annotations
@@ -43,6 +47,13 @@ def perturb_heads(model: ImageFlow, std: float = HEAD_STD, seed: int = 0) -> Ima
             for p in block.head.parameters():
                 p.copy_(std * torch.randn(p.shape, generator=generator))
     return model
+
+
+def clock(device: torch.device) -> float:
+    """Wall time, once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def paper_loop_step(
@@ -120,39 +131,44 @@ def bench_setting(
     them alike; each keeps its best time. Batch 1 runs three rounds; larger batches two,
     the slow Jacobi solvers in the first only.
     """
+    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    z = torch.randn((batch, *model.token_shape), generator=generator)
-    y = torch.arange(batch) % model.num_classes if model.num_classes else None
+    z = torch.randn((batch, *model.token_shape), generator=generator).to(device)
+    y = torch.arange(batch, device=device) % model.num_classes if model.num_classes else None
     weight = guidance.weight if guidance else 0.0
 
-    start = time.perf_counter()
+    start = clock(device)
     calibration = calibrate(
         model, batch, y, guidance, replace(base, name="selective"),
         repeats=3 if batch == 1 else 1, seed=seed + 1,
     )
-    calibration_seconds = time.perf_counter() - start
+    calibration_seconds = clock(device) - start
 
     def solve(name: str):
         return lambda: model.inverse_with_stats(z, y, guidance, replace(base, name=name))
 
     runs = {name: solve(name) for name in SOLVER_NAMES}
     runs["paper-loop"] = lambda: paper_loop_inverse(model, z, y, guidance)
-    slow = {"jacobi", "gs-jacobi"} if batch > 1 else set()
+    slow = {"jacobi", "gs-jacobi"} if batch > 1 and not base.compile else set()
     seconds: dict[str, float] = {}
     results: dict[str, tuple] = {}
     floor = float("inf")
-    for round_index in range(3 if batch == 1 else 2):
+    rounds = 3 if batch == 1 or base.compile else 2
+    for round_index in range(rounds):
+        warm_up = base.compile and round_index < rounds - 1
         for name, run in runs.items():
             if round_index > 0 and name in slow:
                 continue
-            begin = time.perf_counter()
+            begin = clock(device)
             results[name] = run()
-            seconds[name] = min(seconds.get(name, float("inf")), time.perf_counter() - begin)
+            if not warm_up:
+                elapsed = clock(device) - begin
+                seconds[name] = min(seconds.get(name, float("inf")), elapsed)
         # Random models draw values past the range log_prob accepts; the cost is the same.
         images = results["sequential"][0].clamp(-1, 1)
-        begin = time.perf_counter()
+        begin = clock(device)
         model.log_prob(images, y)
-        floor = min(floor, time.perf_counter() - begin)
+        floor = min(floor, clock(device) - begin)
 
     reference = results["sequential"][0]
     rows = []
@@ -230,10 +246,13 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=Solver.chunk_size)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile every solver")
     parser.add_argument("--json", default="benchmarks/results/sampling.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base = Solver("sequential", args.tol, None, args.chunk_size)
+    device = torch.device(args.device)
+    base = Solver("sequential", args.tol, None, args.chunk_size, compile=args.compile)
     default_batches = "1,16" if args.quick else "1,64"
     batches = [int(b) for b in (args.batch_sizes or default_batches).split(",")]
 
@@ -254,7 +273,7 @@ def main() -> None:
         models["deep"] = perturb_heads(ImageFlow(deep), seed=1)
         source += "; deep: the demo architecture with 8 blocks, random likewise"
     for model in models.values():
-        model.eval()
+        model.eval().to(device)
 
     rows = []
     for name, model in models.items():
@@ -266,7 +285,9 @@ def main() -> None:
                 print(f"  measured {name} batch {batch} w={weight:g} "
                       f"(calibration {done['calibration_seconds']:.1f} s)", flush=True)
 
-    print(f"\nmodels: {source}; {args.threads} CPU thread(s), torch {torch.__version__}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"\nmodels: {source}; {where}, {args.threads} CPU thread(s), torch {torch.__version__}"
+          f"{', compiled' if args.compile else ''}")
     print(f"solver settings: tol {args.tol:g}, chunk size {args.chunk_size}, guidance "
           f"rule extrapolate\n")
     header = (f"{'model':<6} {'batch':>5} {'w':>4} {'solver':<11} {'seconds':>8} "
@@ -296,6 +317,8 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "compile": args.compile,
         "settings": {"tol": args.tol, "chunk_size": args.chunk_size, "guidance": args.guidance,
                      "batch_sizes": batches, "quick": args.quick},
         "rows": rows,

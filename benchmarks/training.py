@@ -3,7 +3,8 @@
 Runs :func:`tarflow.train.trainer.training_step` (forward, backward, clipping, AdamW, EMA)
 on Fashion-MNIST batches for each architecture and precision, then, on the demo
 architecture, with activation checkpointing, with ``torch.compile`` and on 2 data-parallel
-processes (gloo on CPU, NCCL on GPU; same global batch). Ratios come from one run on the
+processes, replicated (DDP) and sharded (FSDP2) (gloo on CPU, NCCL on GPU; same global
+batch). Ratios come from one run on the
 same machine.
 
 Each case runs in a fresh process (under torchrun for 2 processes), so its memory figure
@@ -38,6 +39,7 @@ from tarflow.config import load_config
 from tarflow.data import load_dataset
 from tarflow.models.image_flow import ImageFlow
 from tarflow.train.ema import EMA
+from tarflow.train.parallel import shard_model
 from tarflow.train.trainer import (
     EpochSampler,
     LogLikelihood,
@@ -79,8 +81,12 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
     model = ImageFlow(config.model).to(device)
     ema = EMA(model, config.train.ema_decay)
     model.set_activation_checkpointing(config.train.activation_checkpointing)
+    fsdp = world > 1 and config.train.strategy == "fsdp"
+    if fsdp:
+        shard_model(model, device, world)
+        shard_model(ema.model, device, world)
     objective: torch.nn.Module = LogLikelihood(model)
-    if world > 1:
+    if world > 1 and not fsdp:
         ids = [device.index] if device.type == "cuda" else None
         objective = DistributedDataParallel(objective, device_ids=ids)
     if config.train.compile:
@@ -169,7 +175,8 @@ def main() -> None:
     if args.device == "cuda":
         plan.append((DEMO, "torch.compile", ["train.compile=true", "train.precision=bf16"], 1))
     if args.device == "cpu" or torch.cuda.device_count() >= 2:
-        plan.append((DEMO, "2 processes", [], 2))
+        plan.append((DEMO, "2 processes DDP", [], 2))
+        plan.append((DEMO, "2 processes FSDP", ["train.strategy=fsdp"], 2))
     rows = []
     for name, variant, overrides, processes in plan:
         overrides = [*overrides, f"train.device={args.device}"]

@@ -3,6 +3,7 @@ calibration of the selective solver, and the errors for bad settings."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tarflow.sampling import (
     load_or_calibrate,
     tweedie_denoise,
 )
+from tarflow.sampling import solvers as solvers_module
 from tarflow.train.checkpoint import save_checkpoint
 
 T, D = 12, 3
@@ -33,6 +35,7 @@ EXACT = 1e-10
 def _one_thread():
     # The models here are tiny: a second thread adds synchronisation, not speed.
     torch.set_num_threads(1)
+
 
 # name -> (labels, guidance); the null class of the 3-class block is 3.
 CONDITIONS = {
@@ -63,8 +66,13 @@ def condition(name: str) -> tuple[AutoregressiveBlock, torch.Tensor | None, Guid
 
 def small_model(num_classes: int = 3) -> ImageFlow:
     config = ImageFlowConfig(
-        image_size=8, channels=1, patch_size=2, width=16, heads=2,
-        block_depths=[1, 1, 1], num_classes=num_classes,
+        image_size=8,
+        channels=1,
+        patch_size=2,
+        width=16,
+        heads=2,
+        block_depths=[1, 1, 1],
+        num_classes=num_classes,
     )
     return randomize(ImageFlow(config)).double().eval()
 
@@ -224,8 +232,20 @@ def test_cli_sample_with_solvers(tmp_path, capsys):
     save_checkpoint(tmp_path / "run", 1, config, model, model, {})
     run = str(tmp_path / "run")
 
-    args = ["sample", run, "--num", "10", "--solver", "selective", "--chunk-size", "5",
-            "--out", str(tmp_path / "selective.png"), "--guidance", "1"]
+    args = [
+        "sample",
+        run,
+        "--num",
+        "10",
+        "--solver",
+        "selective",
+        "--chunk-size",
+        "5",
+        "--out",
+        str(tmp_path / "selective.png"),
+        "--guidance",
+        "1",
+    ]
     assert main(args) == 0
     assert Calibration.load(tmp_path / "run" / "solver-calibration.json").batch_size == 10
 
@@ -234,3 +254,20 @@ def test_cli_sample_with_solvers(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", run, "--solver", "newton"])
     assert "invalid choice: 'newton'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="no torch.compile here")
+@pytest.mark.parametrize("solver", ["sequential", "gs-jacobi"])
+@torch.no_grad()
+def test_compiled_sampling_matches_eager(solver, monkeypatch):
+    # aot_eager traces and runs the same graph machinery as the default compiler, without
+    # the C++ build (the default compiler runs in the slow training test).
+    monkeypatch.setattr(solvers_module, "_compiled", None)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    model = small_model()
+    y, guidance = torch.tensor([0, 1, 2, 1]), Guidance(1.5)
+    z = model.prior_noise(4, generator=torch.Generator().manual_seed(0))
+    eager = model.inverse(z, y, guidance, Solver(solver, chunk_size=4))
+    compiled = model.inverse(z, y, guidance, Solver(solver, chunk_size=4, compile=True))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=EXACT)
+    assert solvers_module._compiled is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -107,6 +108,55 @@ def test_loading_is_strict(tmp_path):
     manifest["sha256"]["ema.safetensors"] = checkpoint_module.sha256(folder / "ema.safetensors")
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="do not fit this model"):
+        load_run(tmp_path)
+
+
+def test_sharded_layout_in_one_process_resumes_exactly(tmp_path):
+    sharded = tiny_config(steps=4, strategy="fsdp", checkpoint_samples=0)
+    train(sharded, tmp_path / "straight", progress=False)
+    train(sharded, tmp_path / "resumed", progress=False, stop_at=2)
+    folder = latest_checkpoint(tmp_path / "resumed")
+    assert (folder / "sharded" / ".metadata").is_file()
+    assert not (folder / "model.safetensors").exists()
+    assert "optimizer" not in load_run(tmp_path / "resumed").state  # it lives in the shards
+    train(sharded, tmp_path / "resumed", resume=True, progress=False)
+    a, b = load_run(tmp_path / "straight"), load_run(tmp_path / "resumed")
+    for x, y in [(a.model, b.model), (a.ema_model, b.ema_model)]:
+        for (name, p), q in zip(x.state_dict().items(), y.state_dict().values()):
+            assert torch.equal(p, q), name
+
+
+def test_sharded_checkpoint_errors(tmp_path, monkeypatch):
+    config = tiny_config(steps=4, checkpoint_every=2, strategy="fsdp", checkpoint_samples=0)
+    real_save = checkpoint_module.dcp.save
+    calls = {"n": 0}
+
+    def failing_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.dcp, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(config, tmp_path, progress=False)
+    entries = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert entries == ["latest", "step-00000002"]
+
+    folder = latest_checkpoint(tmp_path)
+    other = ImageFlow(dataclasses.replace(config.model, width=16))
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        checkpoint_module.load_sharded(folder, {"model": other})
+    fewer = ImageFlow(dataclasses.replace(config.model, block_depths=[1]))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        checkpoint_module.load_sharded(folder, {"model": fewer})
+
+    shard = next((folder / "sharded").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_run(tmp_path)
+    (folder / "sharded" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
         load_run(tmp_path)
 
 

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chunk-size", type=int, default=Solver.chunk_size, help="tokens per gs-jacobi chunk"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the Transformer passes through torch.compile (pays off for many samples)",
+    )
     add_device_argument(p)
 
     p = commands.add_parser(
@@ -184,7 +189,7 @@ def command_sample(args: argparse.Namespace) -> None:
         columns = max(1, int(args.num**0.5))
 
     guidance = Guidance(args.guidance, args.guidance_rule, args.guidance_ramp)
-    solver = Solver(args.solver, args.tol, args.max_iters, args.chunk_size)
+    solver = Solver(args.solver, args.tol, args.max_iters, args.chunk_size, args.compile)
     num = len(y) if y is not None else args.num
     device = process_device(args.device)
     with process_group(device) as (rank, world):

@@ -33,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -286,8 +287,8 @@ def load_sharded(folder: Path, models: dict[str, nn.Module]) -> None:
     """
     path = folder / SHARDED_DIR
     try:
-        stored = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
-    except Exception as err:
+        stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except (Exception, CheckpointException) as err:
         raise CheckpointError(f"cannot read the sharded checkpoint {path}: {err}") from err
     tensors = {}
     for name, model in models.items():
@@ -299,15 +300,20 @@ def load_sharded(folder: Path, models: dict[str, nn.Module]) -> None:
                 f"weights {name!r} in {path} do not fit this model (mismatched config?): "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        for key, value in own.items():
+            size = getattr(stored[f"{name}.{key}"], "size", None)
+            if size is not None and tuple(size) != tuple(value.shape):
+                raise CheckpointError(
+                    f"weights {name!r} in {path} do not fit this model (mismatched config?): "
+                    f"{key} has shape {tuple(size)} there and {tuple(value.shape)} here"
+                )
         tensors[name] = own
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*assuming the intent is to", UserWarning)
             dcp.load(tensors, checkpoint_id=path)
-    except Exception as err:
-        raise CheckpointError(
-            f"weights in {path} do not fit this model (mismatched config?): {err}"
-        ) from err
+    except (Exception, CheckpointException) as err:
+        raise CheckpointError(f"cannot read the weights in {path}: {err}") from err
     for name, model in models.items():
         model.load_state_dict(tensors[name], strict=True)
 
@@ -322,7 +328,7 @@ def load_sharded_optimizer(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*assuming the intent is to", UserWarning)
             dcp.load(state, checkpoint_id=folder / SHARDED_DIR)
-    except Exception as err:
+    except (Exception, CheckpointException) as err:
         raise CheckpointError(
             f"the optimizer state in {folder / SHARDED_DIR} does not fit: {err}"
         ) from err
