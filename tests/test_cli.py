@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import tarflow
 from tarflow.cli import main
 
 TINY = str(Path(__file__).parent.parent / "configs" / "digits_tiny.yaml")
@@ -73,3 +74,23 @@ def test_errors_exit_2_with_a_message(run_dir, tmp_path, capsys, args, message):
     args = [a.format(run=run_dir, missing=tmp_path / "missing") for a in args]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tarflow {tarflow.__version__}"
+
+
+def test_eval_metrics_of_an_unconditional_run(tmp_path, capsys):
+    # The default sample metrics used to include accuracy, which fails without classes.
+    out = tmp_path / "unconditional"
+    settings = ["--set", "model.num_classes=0", "--set", "train.steps=2", "--no-progress"]
+    assert main(["train", "--config", TINY, "--out", str(out), *settings]) == 0
+    args = ["eval", str(out), "--num-samples", "20", "--sweep-guidance", "0,0", "--no-progress"]
+    assert main(args) == 0
+    report = json.loads((out / "guidance-sweep-test.json").read_text())
+    assert [set(row["metrics"]) for row in report["sweep"]] == [{"fd", "pr"}] * 2
+    assert main([*args[:4], "--sweep-guidance", "0,1"]) == 2
+    assert "guidance needs a class-conditional model" in capsys.readouterr().err

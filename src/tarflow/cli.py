@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from tarflow import __version__
 from tarflow.config import ConfigError, load_config
 from tarflow.data import load_dataset
 from tarflow.distributed import DEVICES, process_device, process_group, sum_over_ranks
@@ -35,6 +36,7 @@ log = logging.getLogger("tarflow")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tarflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tarflow {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a model from a YAML config")

@@ -38,6 +38,11 @@ class DataConfig:
             raise ConfigError(
                 f"data.dataset: unknown dataset {self.dataset!r}; choose one of {sorted(DATASETS)}"
             )
+        if self.dataset == "digits" and self.root is not None:
+            raise ConfigError(
+                "data.root: the digits dataset ships with scikit-learn and reads no files; "
+                "remove data.root"
+            )
 
 
 @dataclass
@@ -116,6 +121,11 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, "train.ema_decay must lie in [0, 1)"),
             (self.noise in ("gaussian", "uniform"), "train.noise must be gaussian or uniform"),
             (self.noise_std >= 0, "train.noise_std must be >= 0"),
+            (
+                self.noise != "gaussian" or self.noise_std > 0,
+                "train.noise_std must be > 0 with noise gaussian (without noise the "
+                "density of discrete pixels is unbounded; use noise: uniform to dequantize)",
+            ),
             (0 <= self.label_drop_prob < 1, "train.label_drop_prob must lie in [0, 1)"),
             (self.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
             (self.checkpoint_samples >= 0, "train.checkpoint_samples must be >= 0"),
