@@ -263,6 +263,7 @@ def test_compiled_sampling_matches_eager(solver, monkeypatch):
     # aot_eager traces and runs the same graph machinery as the default compiler, without
     # the C++ build (the default compiler runs in the slow training test).
     monkeypatch.setattr(solvers_module, "_compiled", None)
+    monkeypatch.setattr(solvers_module, "_compiled_step", None)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     model = small_model()
     y, guidance = torch.tensor([0, 1, 2, 1]), Guidance(1.5)
@@ -270,4 +271,25 @@ def test_compiled_sampling_matches_eager(solver, monkeypatch):
     eager = model.inverse(z, y, guidance, Solver(solver, chunk_size=4))
     compiled = model.inverse(z, y, guidance, Solver(solver, chunk_size=4, compile=True))
     torch.testing.assert_close(compiled, eager, rtol=0, atol=EXACT)
-    assert solvers_module._compiled is not None
+    used = solvers_module._compiled_step if solver == "sequential" else solvers_module._compiled
+    assert used is not None
+
+
+@pytest.mark.parametrize("condition_name", ["unconditioned", "conditioned"])
+@torch.no_grad()
+def test_step_at_a_position_matches_predict(condition_name):
+    """The static-shape step (whole cache, masked) gives predict's μ and a at every
+    position, whatever the unused tail of the cache holds."""
+    block, y, _ = condition(condition_name)
+    x = torch.randn(4, T, D, dtype=torch.float64)
+    inputs = block.shifted_inputs(x)
+    mu, a = block.predict(inputs, y)
+    caches = block.new_caches(4, torch.float64, x.device)
+    for cache in caches:
+        cache.keys.fill_(1e6)
+        cache.values.fill_(-1e6)
+    for t in range(T):
+        position = torch.tensor([t])
+        mu_t, a_t = block.predict_at(inputs[:, t : t + 1], y, position, caches)
+        torch.testing.assert_close(mu_t, mu[:, t : t + 1], rtol=0, atol=EXACT)
+        torch.testing.assert_close(a_t, a[:, t : t + 1], rtol=0, atol=EXACT)

@@ -109,20 +109,45 @@ class AutoregressiveBlock(Transform):
             (μ, a), each (B, n, d), in float32 or wider.
         """
         n = inputs.shape[1]
-        h = inputs + self.position[:, offset : offset + n]
-        if self.class_embedding is not None:
-            if y is None:
-                raise ValueError("this block is class-conditioned: pass labels y")
-            h = h + self.class_embedding(y)[:, None]
+        h = self.with_label(inputs + self.position[:, offset : offset + n], y)
         recompute = self.activation_checkpointing and caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if recompute:
                 h = checkpoint(layer, h, use_reentrant=False)
             else:
                 h = layer(h, None if caches is None else caches[i])
+        return self.affine_parameters(h, inputs.dtype)
 
-        out = self.head(self.norm(h))
-        out = out.to(torch.promote_types(inputs.dtype, torch.float32))
+    def predict_at(
+        self, inputs: Tensor, y: Tensor | None, position: Tensor, caches: list[KVCache]
+    ) -> tuple[Tensor, Tensor]:
+        """μ and a for the one token at ``position`` (a one-element long tensor) given the
+        cached tokens before it, as :meth:`predict` computes them; the shapes do not depend
+        on the position, so ``torch.compile`` traces this once for a whole sequence.
+
+        Arguments:
+            inputs: the embedded Transformer input for that position, (B, 1, width).
+            y: class labels (B,), or None for an unconditioned block.
+            position: where the token stands, shape (1,).
+            caches: one cache per layer, holding positions 0 … position − 1.
+        """
+        h = self.with_label(inputs + self.position.index_select(1, position), y)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cache, position)
+        return self.affine_parameters(h, inputs.dtype)
+
+    def with_label(self, h: Tensor, y: Tensor | None) -> Tensor:
+        """Adds the class embedding of ``y`` to every position of a conditioned block."""
+        if self.class_embedding is None:
+            return h
+        if y is None:
+            raise ValueError("this block is class-conditioned: pass labels y")
+        return h + self.class_embedding(y)[:, None]
+
+    def affine_parameters(self, h: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """μ and the bounded log-scale a = c·tanh(â/c) from the last hidden states, in
+        float32 or wider (``dtype`` promoted) whatever the Transformer ran in."""
+        out = self.head(self.norm(h)).to(torch.promote_types(dtype, torch.float32))
         mu, a = out.chunk(2, dim=-1)
         c = self.log_scale_bound
         return mu, c * torch.tanh(a / c)

@@ -34,8 +34,10 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         shape = (batch, heads, max_length, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        # Zeros, not uninitialised memory: a masked position still multiplies its value by
+        # a zero attention weight, and 0 · NaN would poison the output.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
 
     @property
@@ -62,14 +64,35 @@ class KVCache:
         """Commits the ``n`` tokens written last."""
         self.length += n
 
+    def write_at(self, position: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stores one token's ``k`` and ``v`` (B, heads, 1, head_dim) at ``position``, a
+        one-element long tensor, ignoring ``length``.
 
-def single_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """softmax(q kᵀ / √d) v for one query per sequence, as two batched matrix products.
+        Shapes do not depend on the position, so a compiled decoding step is traced once
+        for all positions (and can be replayed as a CUDA graph).
+
+        Returns:
+            The whole key and value buffers and a boolean mask (max_length,) of the
+            positions up to and including ``position``.
+        """
+        self.keys.index_copy_(2, position, k)
+        self.values.index_copy_(2, position, v)
+        visible = torch.arange(self.max_length, device=position.device) <= position
+        return self.keys, self.values, visible
+
+
+def single_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None = None
+) -> Tensor:
+    """softmax(q kᵀ / √d) v for one query per sequence, as two batched matrix products,
+    over the keys where ``visible`` (a boolean vector over them) holds, or all.
 
     On CPUs the fused attention kernel is slow for a single query (about 2.4× slower than
-    this on a 128 × 4-head × 49-token decode step), and one query never needs a mask.
+    this on a 128 × 4-head × 49-token decode step).
     """
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
     return scores.softmax(dim=-1) @ v
 
 
@@ -90,16 +113,25 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, h: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, h: Tensor, cache: KVCache | None = None, position: Tensor | None = None
+    ) -> Tensor:
         """Attends causally over ``h`` (B, L, width).
 
         With a cache, ``h`` holds the tokens that follow the committed ones; they attend to
-        the cached tokens and causally among themselves.
+        the cached tokens and causally among themselves. With a cache and ``position`` (a
+        one-element long tensor), ``h`` is the one token at that position, written with
+        :meth:`KVCache.write_at`: every shape is fixed, for compiled decoding.
         """
         b, n, _ = h.shape
         q, k, v = self.qkv(h).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
-        if cache is None:
+        if position is not None:
+            if cache is None or n != 1:
+                raise ValueError("attention at a position needs a cache and one token")
+            k, v, visible = cache.write_at(position, k, v)
+            out = single_query_attention(q, k, v, visible)
+        elif cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             past = cache.length

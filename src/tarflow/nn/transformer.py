@@ -30,6 +30,8 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio)
 
-    def forward(self, h: Tensor, cache: KVCache | None = None) -> Tensor:
-        h = h + self.attn(self.norm1(h), cache)
+    def forward(
+        self, h: Tensor, cache: KVCache | None = None, position: Tensor | None = None
+    ) -> Tensor:
+        h = h + self.attn(self.norm1(h), cache, position)
         return h + self.mlp(self.norm2(h))

@@ -148,9 +148,9 @@ def invert_block(
         The data-side tokens x (B, T, d) and what the solver did.
     """
     solver = Solver.of(solver)
-    predict = compiled_predict() if solver.compile else type(block).predict
     if solver.name == "sequential":
-        return sequential_inverse(block, z, y, guidance, predict)
+        return sequential_inverse(block, z, y, guidance, compiled=solver.compile)
+    predict = compiled_predict() if solver.compile else type(block).predict
     if solver.name == "jacobi":
         return jacobi_inverse(
             block, z, y, guidance, z.shape[1], solver.tol, solver.max_iters, predict
@@ -166,6 +166,19 @@ def invert_block(
 
 
 _compiled: Predict | None = None
+_compiled_step: Predict | None = None
+# A sampling process meets one graph per block depth and number of Transformer rows (and,
+# for the Jacobi solvers, per chunk length and cache fill); dynamo's default limit of 8
+# graphs per function would send the rest back to eager mode with a warning.
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles() -> None:
+    """Raises dynamo's per-function graph limit to :data:`RECOMPILE_LIMIT` (never lowers
+    it)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
 
 
 def compiled_predict() -> Predict:
@@ -175,8 +188,22 @@ def compiled_predict() -> Predict:
     if _compiled is None:
         from tarflow.flows.autoregressive import AutoregressiveBlock
 
+        allow_recompiles()
         _compiled = torch.compile(AutoregressiveBlock.predict, dynamic=True)
     return _compiled
+
+
+def compiled_step() -> Predict:
+    """``AutoregressiveBlock.predict_at`` through ``torch.compile`` with static shapes: one
+    graph per batch size and block depth, reused at every position (the position is a
+    tensor, not a constant of the graph)."""
+    global _compiled_step
+    if _compiled_step is None:
+        from tarflow.flows.autoregressive import AutoregressiveBlock
+
+        allow_recompiles()
+        _compiled_step = torch.compile(AutoregressiveBlock.predict_at, dynamic=False)
+    return _compiled_step
 
 
 def branches(
@@ -202,7 +229,7 @@ def sequential_inverse(
     z: Tensor,
     y: Tensor | None = None,
     guidance: Guidance | None = None,
-    predict: Predict | None = None,
+    compiled: bool = False,
 ) -> tuple[Tensor, SolverStats]:
     """Noise → data one token at a time: T Transformer passes of one token each, the keys
     and values of earlier tokens read from a preallocated cache.
@@ -212,21 +239,34 @@ def sequential_inverse(
         z: noise-side tokens (B, T, d).
         y: class labels (B,) for a conditioned block.
         guidance: classifier-free guidance, run as one batch of 2B.
-        predict: the Transformer pass, ``AutoregressiveBlock.predict`` or a compiled copy.
+        compiled: run each step through :func:`compiled_step` (static shapes, attention
+            over the whole cache with a mask) instead of ``AutoregressiveBlock.predict``.
 
     Returns:
         The data-side tokens x (B, T, d) and what was done.
     """
-    predict = predict or type(block).predict
     b, t_count, _ = z.shape
     y_rows, w = branches(block, z, y, guidance)
     rows = b if w is None else 2 * b
+    if compiled:
+        step = compiled_step()
+        positions = torch.arange(t_count, device=z.device)
+
+        def predict(t: int) -> tuple[Tensor, Tensor]:
+            return step(block, inputs, y_rows, positions[t : t + 1], caches)
+    else:
+
+        def predict(t: int) -> tuple[Tensor, Tensor]:
+            return type(block).predict(block, inputs, y_rows, t, caches)
 
     caches = block.new_caches(rows, z.dtype, z.device)
     x = torch.empty_like(z)
-    inputs = block.start.expand(rows, -1, -1).to(z.dtype)
+    # Without gradients, a view of the start parameter would still report requires_grad
+    # and cost the compiled step a second graph.
+    start = block.start if torch.is_grad_enabled() else block.start.detach()
+    inputs = start.expand(rows, -1, -1).to(z.dtype).contiguous()
     for t in range(t_count):
-        mu, a = predict(block, inputs, y_rows, t, caches)
+        mu, a = predict(t)
         for cache in caches:
             cache.advance(1)
         if w is not None:
