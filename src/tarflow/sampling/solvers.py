@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from tarflow.atomic import atomic_write_text
 from tarflow.nn.attention import KVCache
 from tarflow.sampling.guidance import Guidance
 
@@ -505,7 +506,8 @@ class Calibration:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+        """Writes the calibration as JSON, atomically (other processes may be reading)."""
+        atomic_write_text(path, json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
