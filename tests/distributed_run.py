@@ -59,3 +59,22 @@ def cli_process(argv: list[str]) -> None:
 def cli_in_processes(world: int, argv: list[str]) -> None:
     """Runs ``tarflow ARGV`` in ``world`` processes, as ``torchrun -m tarflow`` would."""
     run_in_processes(world, cli_process, argv)
+
+
+def failing_main_process(out: Path) -> None:
+    """Rank 0 fails inside run_on_main; every rank records what it raised."""
+    import torch.distributed as dist
+
+    from tarflow.distributed import run_on_main
+
+    dist.init_process_group("gloo")
+    try:
+
+        def work() -> None:
+            raise OSError("disk full")
+
+        run_on_main(work)
+    except BaseException as err:
+        (out / f"rank{dist.get_rank()}.txt").write_text(f"{type(err).__name__}: {err}")
+    finally:
+        dist.destroy_process_group()

@@ -12,7 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from distributed_run import cli_in_processes, train_in_processes
+from distributed_run import (
+    cli_in_processes,
+    failing_main_process,
+    run_in_processes,
+    train_in_processes,
+)
 from tarflow.cli import main as cli
 from tarflow.config import load_config
 from tarflow.train import load_run, train
@@ -107,6 +112,32 @@ def test_sampling_and_bits_per_dim_shared_between_processes(tmp_path):
     cli_in_processes(2, args)
     two = json.loads((run / "metrics-test.json").read_text())["metrics"]["pr"]
     assert (two["precision"], two["recall"]) == (one["precision"], one["recall"])
+
+    # The selective solver: rank 0 calibrates and every process uses its choice.
+    out = tmp_path / "selective.png"
+    cli_in_processes(
+        2,
+        [
+            "sample",
+            str(run),
+            "--num",
+            "30",
+            "--solver",
+            "selective",
+            "--out",
+            str(out),
+            *common[:2],
+        ],
+    )
+    c = np.asarray(Image.open(out), dtype=float)
+    assert (run / "solver-calibration.json").is_file() and np.abs(c - a).max() <= 2
+
+
+def test_a_failure_in_rank_0_stops_every_process(tmp_path):
+    run_in_processes(2, failing_main_process, tmp_path)
+    assert (tmp_path / "rank0.txt").read_text() == "OSError: disk full"
+    assert "rank 0 failed" in (tmp_path / "rank1.txt").read_text()
+    assert "disk full" in (tmp_path / "rank1.txt").read_text()
 
 
 def test_global_batch_must_divide_by_the_processes(tmp_path, monkeypatch):

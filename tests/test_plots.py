@@ -104,3 +104,6 @@ def test_draw_samples_are_seeded_and_in_range(tiny):
     assert labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     with pytest.raises(ValueError, match="temperature"):
         draw_samples(model, 4, temperature=0)
+    # A regression: draws kept the autograd graph of every batch until the end.
+    undenoised, _ = draw_samples(model, 12, sigma=0.0, seed=3, batch_size=5)
+    assert not undenoised.requires_grad and undenoised.grad_fn is None

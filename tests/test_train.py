@@ -160,6 +160,21 @@ def test_sharded_checkpoint_errors(tmp_path, monkeypatch):
         load_run(tmp_path)
 
 
+def test_sharded_checkpoint_before_any_optimizer_step(tmp_path):
+    # Asking torch.distributed.checkpoint for an empty optimizer state takes a step.
+    config = tiny_config()
+    model = ImageFlow(config.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = checkpoint_module.save_sharded_checkpoint(
+        tmp_path, 0, config, model, model, optimizer, {}
+    )
+    assert not optimizer.state
+    fresh = torch.optim.AdamW(model.parameters())
+    checkpoint_module.load_sharded_optimizer(folder, model, fresh)
+    assert not fresh.state
+    assert load_run(tmp_path).state["step"] == 0
+
+
 def test_missing_run_is_reported(tmp_path):
     with pytest.raises(CheckpointError, match="has no checkpoint"):
         load_run(tmp_path)

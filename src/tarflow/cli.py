@@ -14,7 +14,13 @@ import torch
 from tarflow import __version__
 from tarflow.config import ConfigError, load_config
 from tarflow.data import load_dataset
-from tarflow.distributed import DEVICES, process_device, process_group, sum_over_ranks
+from tarflow.distributed import (
+    DEVICES,
+    broadcast_from_main,
+    process_device,
+    process_group,
+    sum_over_ranks,
+)
 from tarflow.evaluate.bits_per_dim import evaluate_bits_per_dim
 from tarflow.evaluate.report import (
     METRIC_HELP,
@@ -194,23 +200,24 @@ def command_sample(args: argparse.Namespace) -> None:
     solver = Solver(args.solver, args.tol, args.max_iters, args.chunk_size, args.compile)
     num = len(y) if y is not None else args.num
     device = process_device(args.device)
-    with process_group(device) as (rank, world):
+    with process_group(device) as (rank, world), torch.no_grad():
         model.to(device)
         # Every process draws all the noise and inverts its contiguous share of it.
         z = model.prior_noise(num, args.temperature, torch.Generator().manual_seed(args.seed))
         share = torch.tensor_split(torch.arange(num), world)[rank]
         x = torch.zeros(num, config.model.channels, *[config.model.image_size] * 2)
-        if len(share):
-            z_share = z[share]
-            y_share = None if y is None else y[share].to(device)
-            if solver.name == "selective":
-                path = Path(args.run) / "solver-calibration.json"
-                load_or_calibrate(
-                    model, path, len(share), y_share, guidance, solver, save=rank == 0
-                )
-            x_share, stats = model.inverse_with_stats(z_share, y_share, guidance, solver)
+        y_share = None if y is None else y[share].to(device)
+        if solver.name == "selective":
+            # Rank 0 calibrates for its share, the largest; every process uses its choice.
+            calibration = None
             if rank == 0:
-                log_solver_stats(stats)
+                path = Path(args.run) / "solver-calibration.json"
+                calibration = load_or_calibrate(model, path, len(share), y_share, guidance, solver)
+            model.solver_calibration = broadcast_from_main(calibration)
+        if len(share):
+            x_share, stats = model.inverse_with_stats(z[share], y_share, guidance, solver)
+            if rank == 0:
+                log_solver_stats(stats, shared=world > 1)
             if not args.no_denoise and config.train.noise == "gaussian":
                 x_share = tweedie_denoise(model, x_share, config.train.noise_std, y_share)
             x[share] = x_share.float().cpu()
@@ -222,17 +229,19 @@ def command_sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(x)} samples to {out}")
 
 
-def log_solver_stats(stats: list[SolverStats]) -> None:
+def log_solver_stats(stats: list[SolverStats], shared: bool = False) -> None:
+    whose = " (rank 0's share)" if shared else ""
     for i, block in enumerate(stats):
         per_sample = block.iterations_per_sample.float()
         log.info(
             "block %d (noise side first): %s, %d Transformer passes, %.1f mean / %d max per "
-            "sample",
+            "sample%s",
             i,
             block.solver,
             block.passes,
             per_sample.mean(),
             per_sample.max(),
+            whose,
         )
 
 

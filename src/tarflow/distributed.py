@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 DEVICES = ("auto", "cpu", "cuda")
+T = TypeVar("T")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -107,7 +109,34 @@ def sum_over_ranks(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def barrier() -> None:
-    """Waits for every process (nothing to wait for in one process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's ``value`` (any picklable object) in every process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_on_main(work: Callable[[], T]) -> T:
+    """Runs ``work`` in rank 0 and hands its result to every process.
+
+    If it raises, rank 0 re-raises the error and every other process raises a
+    RuntimeError that names it, instead of waiting for rank 0 at the next collective
+    until the group times out. Every process must call it.
+    """
+    rank, _ = rank_and_world()
+    result, failure = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except BaseException as err:
+            failure = err
+    failed = broadcast_from_main(
+        None if failure is None else f"{type(failure).__name__}: {failure}"
+    )
+    if failure is not None:
+        raise failure
+    if failed is not None:
+        raise RuntimeError(f"rank 0 failed, so this process stops too: {failed}")
+    return broadcast_from_main(result)

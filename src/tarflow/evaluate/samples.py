@@ -32,6 +32,7 @@ def balanced_labels(num: int, num_classes: int) -> Tensor:
     return torch.arange(num) % num_classes
 
 
+@torch.no_grad()  # the Tweedie step turns gradients back on for its score
 def draw_samples(
     model: ImageFlow,
     num: int,

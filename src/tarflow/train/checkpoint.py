@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -42,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from tarflow.atomic import atomic_write_text
 from tarflow.config import ConfigError, RunConfig, load_config
-from tarflow.distributed import barrier, rank_and_world
+from tarflow.distributed import rank_and_world, run_on_main
 from tarflow.models.image_flow import ImageFlow
 
 WEIGHT_FILES = ("model.safetensors", "ema.safetensors")
@@ -129,35 +128,30 @@ def save_sharded_checkpoint(
     Returns:
         The checkpoint folder.
     """
-    rank, world = rank_and_world()
     root = Path(run_dir) / "checkpoints"
-    names: list[str | None] = [None]
-    if rank == 0:
+
+    def make_folder() -> str:
         root.mkdir(parents=True, exist_ok=True)
-        names[0] = tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-")
-    if world > 1:
-        dist.broadcast_object_list(names, src=0)
-    tmp = Path(str(names[0]))
+        return tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-")
+
+    tmp = Path(run_on_main(make_folder))
     try:
-        tensors = {
-            "model": get_model_state_dict(model),
-            "ema": get_model_state_dict(ema_model),
-            "optimizer": get_optimizer_state_dict(model, optimizer),
-        }
+        tensors = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema_model)}
+        if optimizer.state:  # asking for an empty state would take an optimizer step
+            tensors["optimizer"] = get_optimizer_state_dict(model, optimizer)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*assuming the intent is to", UserWarning)
             dcp.save(tensors, checkpoint_id=tmp / SHARDED_DIR)
-        barrier()
-        final = root / f"step-{step:08d}"
-        if rank == 0:
+
+        def seal() -> Path:
             torch.save({"step": step, **state}, tmp / STATE_FILE)
             config.save(tmp / CONFIG_FILE)
             shards = sorted(str(path.relative_to(tmp)) for path in (tmp / SHARDED_DIR).iterdir())
-            publish(tmp, step, [STATE_FILE, CONFIG_FILE, *shards], layout="sharded")
-        barrier()
-        return final
+            return publish(tmp, step, [STATE_FILE, CONFIG_FILE, *shards], layout="sharded")
+
+        return run_on_main(seal)
     except BaseException:
-        if rank == 0:
+        if rank_and_world()[0] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -313,7 +307,11 @@ def load_sharded_optimizer(
     folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> None:
     """Loads the optimizer moments of a sharded checkpoint into ``optimizer`` (of
-    ``model``, sharded or whole, on any number of processes); every process calls it."""
+    ``model``, sharded or whole, on any number of processes); every process calls it. A
+    checkpoint saved before the first optimizer step holds none and leaves it as it is."""
+    stored = dcp.FileSystemReader(folder / SHARDED_DIR).read_metadata().state_dict_metadata
+    if not any(key.startswith("optimizer.") for key in stored):
+        return
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     try:
         with warnings.catch_warnings():
@@ -358,7 +356,7 @@ def load_run(run_dir: str | Path, with_state: bool = True) -> LoadedRun:
     state: dict[str, Any] = {}
     if with_state:
         try:
-            state = torch.load(folder / STATE_FILE, weights_only=True)
+            state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
         except Exception as err:
             raise CheckpointError(
                 f"cannot read training state {folder / STATE_FILE}: {err}"

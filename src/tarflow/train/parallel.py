@@ -44,19 +44,20 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def gathered_model(model: ImageFlow, everywhere: bool = False) -> ImageFlow | None:
-    """A whole, unsharded copy of a sharded flow, on the CPU.
+def gathered_model(model: ImageFlow) -> ImageFlow | None:
+    """A whole, unsharded copy of a sharded flow, on the CPU, for inference.
 
-    Every process must call it. With ``everywhere`` false only rank 0 receives the copy
-    (the others get None), which spares their memory.
+    Every process must call it; rank 0 receives the copy and the others None, so no
+    process but rank 0 ever holds the whole model.
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     if not state:
         return None
-    copy = ImageFlow(model.config)
-    copy.load_state_dict({k: v.cpu() for k, v in state.items()}, strict=True)
-    return copy.eval()
+    with torch.random.fork_rng(devices=[]):  # its random initialisation draws nothing
+        copy = ImageFlow(model.config)
+    copy.load_state_dict(state, strict=True)
+    return copy.eval().requires_grad_(False)
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float) -> float:

@@ -234,8 +234,10 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_at: int | None = None,
-) -> ImageFlow:
-    """Trains a TARFlow by maximum likelihood and returns the EMA model.
+) -> ImageFlow | None:
+    """Trains a TARFlow by maximum likelihood and returns the EMA model (under
+    ``train.strategy: fsdp`` with several processes, rank 0 gets a whole copy on the CPU
+    and the other processes None).
 
     Writes ``config.yaml``, ``metrics.jsonl`` and atomic checkpoints into ``run_dir``.
     With ``resume``, continues from the latest checkpoint there: the result is the same as
@@ -278,12 +280,15 @@ def train_process(
     progress: bool,
     stop_at: int | None,
     device: torch.device,
-) -> ImageFlow:
+) -> ImageFlow | None:
     """The body of :func:`train` in one process, after the process group is set up."""
     tc = config.train
     rank, world = rank_and_world()
     main_process = rank == 0
     sharded_layout = tc.strategy == "fsdp"
+    # Sharded models stay on the CPU until fully_shard moves each process's shards to its
+    # device: no GPU ever holds the whole model.
+    place = torch.device("cpu") if sharded_layout and world > 1 else device
     if tc.threads:
         torch.set_num_threads(tc.threads)
 
@@ -302,8 +307,8 @@ def train_process(
                 "result will differ from an uninterrupted run",
                 "; ".join(changed),
             )
-        model = loaded.model.to(device)
-        ema = EMA(loaded.ema_model.to(device), tc.ema_decay)
+        model = loaded.model.to(place)
+        ema = EMA(loaded.ema_model.to(place), tc.ema_decay)
         state = loaded.state
         if not sharded_layout and is_sharded_checkpoint(loaded.folder):
             log.info("resuming a sharded checkpoint with train.strategy ddp")
@@ -314,7 +319,7 @@ def train_process(
                 "another --out"
             )
         torch.manual_seed(tc.seed)
-        model = ImageFlow(config.model).to(device)
+        model = ImageFlow(config.model).to(place)
         ema = EMA(model, tc.ema_decay)
         state = {}
 
@@ -369,8 +374,9 @@ def train_process(
         if tc.checkpoint_samples:
             ema_model = gathered_model(ema.model) if is_sharded(ema.model) else ema.model
             if main_process:
+                assert ema_model is not None
                 n = tc.checkpoint_samples
-                save_checkpoint_samples(ema_model, config, run_dir, step, n, 10 * n)
+                save_checkpoint_samples(ema_model.to(device), config, run_dir, step, n, 10 * n)
 
     if stop_at is not None and not step < stop_at <= tc.steps:
         raise ValueError(f"stop_at must lie in {step + 1}..{tc.steps}, got {stop_at}")
@@ -462,7 +468,7 @@ def train_process(
     if main_process:
         log.info("finished %d steps; checkpoints in %s", step, run_dir / "checkpoints")
     if is_sharded(ema.model):
-        return gathered_model(ema.model, everywhere=True)
+        return gathered_model(ema.model)
     return ema.model
 
 
