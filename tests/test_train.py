@@ -152,9 +152,17 @@ def test_sharded_checkpoint_errors(tmp_path, monkeypatch):
         checkpoint_module.load_sharded(folder, {"model": fewer})
 
     shard = next((folder / "sharded").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:-10])
+    shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_run(tmp_path)
+    # Damage the manifest cannot see (it was rewritten to match): still one line.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    name = str(shard.relative_to(folder))
+    manifest["sha256"][name] = checkpoint_module.sha256(shard)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="cannot read the weights") as error:
+        load_run(tmp_path)
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
     (folder / "sharded" / ".metadata").unlink()
     with pytest.raises(CheckpointError, match="is missing"):
         load_run(tmp_path)
@@ -173,6 +181,21 @@ def test_sharded_checkpoint_before_any_optimizer_step(tmp_path):
     checkpoint_module.load_sharded_optimizer(folder, model, fresh)
     assert not fresh.state
     assert load_run(tmp_path).state["step"] == 0
+
+
+def test_resume_warns_only_about_settings_that_change_the_run(tmp_path, caplog):
+    train(tiny_config(steps=4), tmp_path, progress=False, stop_at=2)
+    layout = tiny_config(steps=4, strategy="fsdp", log_every=1, threads=1)
+    with caplog.at_level("INFO", logger="tarflow.train.trainer"):
+        train(layout, tmp_path, resume=True, progress=False, stop_at=3)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "train.strategy: 'ddp' -> 'fsdp'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tarflow.train.trainer"):
+        train(tiny_config(steps=4, lr=1e-4), tmp_path, resume=True, progress=False)
+    assert "train.lr: 0.002 -> 0.0001" in caplog.text and "will differ" in caplog.text
+    with pytest.raises(CheckpointError, match=r"model.width: 32 -> 16"):
+        train(load_config(TINY, ["model.width=16"]), tmp_path, resume=True, progress=False)
 
 
 def test_missing_run_is_reported(tmp_path):

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument(
         "--num",
+        "--num-images",  # the spelling torchrun passes through (it takes --num as its own)
+        dest="num",
         type=int,
         default=64,
         help="number of images; without --label, a class-conditional model draws "

@@ -134,7 +134,10 @@ class TrainConfig:
             (self.precision in ("float32", "bf16"), "train.precision must be float32 or bf16"),
             (self.max_skipped_steps > 0, "train.max_skipped_steps must be > 0"),
             (self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
-            (self.strategy in ("ddp", "fsdp"), "train.strategy must be ddp or fsdp"),
+            (
+                self.strategy in ("ddp", "fsdp"),
+                f"train.strategy must be ddp or fsdp, got {self.strategy!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -264,6 +264,15 @@ def is_sharded_checkpoint(folder: Path) -> bool:
     return (folder / SHARDED_DIR).is_dir()
 
 
+def describe(err: BaseException) -> str:
+    """One line for an error; for torch.distributed.checkpoint's, the first process's own
+    error without the traceback it carries."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (inner, _) = next(iter(err.failures.items()))
+        return f"{type(inner).__name__} in process {rank}: {inner}"
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
 def load_sharded(folder: Path, models: dict[str, nn.Module]) -> None:
     """Loads the named weight sets of a sharded checkpoint into whole models, strictly.
 
@@ -274,7 +283,10 @@ def load_sharded(folder: Path, models: dict[str, nn.Module]) -> None:
     try:
         stored = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except (Exception, CheckpointException) as err:
-        raise CheckpointError(f"cannot read the sharded checkpoint {path}: {err}") from err
+        raise CheckpointError(
+            f"cannot read the sharded checkpoint {path} ({describe(err)}); "
+            f"{earlier_checkpoints_hint(folder.parent, folder)}"
+        ) from err
     tensors = {}
     for name, model in models.items():
         own = model.state_dict()
@@ -298,7 +310,10 @@ def load_sharded(folder: Path, models: dict[str, nn.Module]) -> None:
             warnings.filterwarnings("ignore", ".*assuming the intent is to", UserWarning)
             dcp.load(tensors, checkpoint_id=path)
     except (Exception, CheckpointException) as err:
-        raise CheckpointError(f"cannot read the weights in {path}: {err}") from err
+        raise CheckpointError(
+            f"cannot read the weights in {path} ({describe(err)}); "
+            f"{earlier_checkpoints_hint(folder.parent, folder)}"
+        ) from err
     for name, model in models.items():
         model.load_state_dict(tensors[name], strict=True)
 
@@ -319,7 +334,8 @@ def load_sharded_optimizer(
             dcp.load(state, checkpoint_id=folder / SHARDED_DIR)
     except (Exception, CheckpointException) as err:
         raise CheckpointError(
-            f"the optimizer state in {folder / SHARDED_DIR} does not fit: {err}"
+            f"cannot read the optimizer state in {folder / SHARDED_DIR} ({describe(err)}); "
+            f"{earlier_checkpoints_hint(folder.parent, folder)}"
         ) from err
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 

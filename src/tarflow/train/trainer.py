@@ -14,7 +14,6 @@ every process).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -294,24 +293,32 @@ def train_process(
 
     if resume:
         loaded = load_run(run_dir)
-        if loaded.config.model != config.model or loaded.config.data != config.data:
+        changed = settings_changed(loaded.config, config)
+        fixed = [c for c in changed if not c.startswith("train.")]
+        if fixed:
             raise CheckpointError(
-                f"the config given differs from the one {run_dir} was trained with in its "
-                "model or data section; resume with the run's own config.yaml"
+                f"the config given differs from the one {run_dir} was trained with "
+                f"({'; '.join(fixed)}); resume with the run's own config.yaml"
             )
-        before, after = dataclasses.asdict(loaded.config.train), dataclasses.asdict(tc)
-        changed = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in after if before[k] != after[k]]
-        if changed:
+        altering = [c for c in changed if c.split(":")[0] not in NEUTRAL_SETTINGS]
+        if altering:
             log.warning(
                 "resuming with train settings that differ from the checkpoint's (%s); the "
                 "result will differ from an uninterrupted run",
-                "; ".join(changed),
+                "; ".join(altering),
             )
+        elif changed:
+            log.info("resuming with %s (the same run up to float rounding)", "; ".join(changed))
         model = loaded.model.to(place)
         ema = EMA(loaded.ema_model.to(place), tc.ema_decay)
         state = loaded.state
-        if not sharded_layout and is_sharded_checkpoint(loaded.folder):
-            log.info("resuming a sharded checkpoint with train.strategy ddp")
+        if sharded_layout != is_sharded_checkpoint(loaded.folder):
+            log.info(
+                "resuming a %s checkpoint with train.strategy %s: checkpoints from now on are %s",
+                "sharded" if is_sharded_checkpoint(loaded.folder) else "whole",
+                tc.strategy,
+                "sharded" if sharded_layout else "whole",
+            )
     else:
         if (run_dir / "checkpoints" / "latest").exists():
             raise FileExistsError(
@@ -470,6 +477,35 @@ def train_process(
     if is_sharded(ema.model):
         return gathered_model(ema.model)
     return ema.model
+
+
+# Train settings that change how a run is computed or recorded, not what it computes: a
+# resume may change them and still continue the same run (up to float rounding).
+NEUTRAL_SETTINGS = {
+    f"train.{name}"
+    for name in (
+        "strategy",
+        "device",
+        "threads",
+        "compile",
+        "activation_checkpointing",
+        "checkpoint_every",
+        "checkpoint_samples",
+        "log_every",
+        "max_skipped_steps",
+    )
+}
+
+
+def settings_changed(before: RunConfig, after: RunConfig) -> list[str]:
+    """``section.key: old -> new`` for every config entry that differs."""
+    old, new = before.to_dict(), after.to_dict()
+    return [
+        f"{section}.{key}: {old[section][key]!r} -> {new[section][key]!r}"
+        for section in new
+        for key in new[section]
+        if old[section][key] != new[section][key]
+    ]
 
 
 def divergence_message(run_dir: Path, step: int, count: int) -> str:
