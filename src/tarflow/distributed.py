@@ -118,12 +118,12 @@ def broadcast_from_main(value: T) -> T:
     return box[0]
 
 
-def run_on_main(work: Callable[[], T]) -> T:
+def run_on_main(work: Callable[[], T], error: type[Exception] = RuntimeError) -> T:
     """Runs ``work`` in rank 0 and hands its result to every process.
 
-    If it raises, rank 0 re-raises the error and every other process raises a
-    RuntimeError that names it, instead of waiting for rank 0 at the next collective
-    until the group times out. Every process must call it.
+    If it raises, rank 0 re-raises the error and every other process raises ``error``
+    naming it, instead of waiting for rank 0 at the next collective until the group times
+    out. Every process must call it.
     """
     rank, _ = rank_and_world()
     result, failure = None, None
@@ -138,5 +138,5 @@ def run_on_main(work: Callable[[], T]) -> T:
     if failure is not None:
         raise failure
     if failed is not None:
-        raise RuntimeError(f"rank 0 failed, so this process stops too: {failed}")
+        raise error(f"rank 0 failed, so this process stops too: {failed}")
     return broadcast_from_main(result)

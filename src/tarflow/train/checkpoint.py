@@ -134,7 +134,7 @@ def save_sharded_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         return tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-")
 
-    tmp = Path(run_on_main(make_folder))
+    tmp = Path(run_on_main(make_folder, CheckpointError))
     try:
         tensors = {"model": get_model_state_dict(model), "ema": get_model_state_dict(ema_model)}
         if optimizer.state:  # asking for an empty state would take an optimizer step
@@ -149,7 +149,7 @@ def save_sharded_checkpoint(
             shards = sorted(str(path.relative_to(tmp)) for path in (tmp / SHARDED_DIR).iterdir())
             return publish(tmp, step, [STATE_FILE, CONFIG_FILE, *shards], layout="sharded")
 
-        return run_on_main(seal)
+        return run_on_main(seal, CheckpointError)
     except BaseException:
         if rank_and_world()[0] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -358,7 +358,8 @@ def load_run(run_dir: str | Path, with_state: bool = True) -> LoadedRun:
         CheckpointError: missing, corrupt or mismatched files; the message names the file.
     """
     folder = latest_checkpoint(run_dir)
-    verify_checkpoint(folder)
+    # Rank 0 reads and hashes the files for every process.
+    run_on_main(lambda: verify_checkpoint(folder), CheckpointError)
     try:
         config = load_config(folder / CONFIG_FILE)
     except ConfigError as err:
