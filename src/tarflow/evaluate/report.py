@@ -126,48 +126,6 @@ def draw_for_metrics(
     return DrawnSamples(images, labels, sampling)
 
 
-def sample_metrics(
-    run: LoadedRun,
-    metrics: Sequence[str],
-    num_samples: int,
-    split: str = "test",
-    guidance: Guidance | None = None,
-    temperature: float = 1.0,
-    seed: int = 0,
-    num_reference: int | None = None,
-    batch_size: int = 250,
-    cache_dir: str | None = None,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Draws ``num_samples`` images from the run's EMA weights and scores them.
-
-    Arguments:
-        run: the loaded run.
-        metrics: names from :data:`SAMPLE_METRICS`.
-        num_samples: images drawn (balanced over classes for class-conditional models).
-        split: the real split compared with.
-        guidance: classifier-free guidance of the draws.
-        temperature: prior temperature.
-        seed: seed of the draws.
-        num_reference: real images behind the FID and FD statistics (None: the whole
-            split). Precision and recall use the first ``num_samples`` real images, equal
-            set sizes as in their definition.
-        batch_size: images per sampling or feature pass.
-        cache_dir: cache of the classifier and reference statistics.
-        progress: show tqdm bars.
-
-    Returns:
-        ``{"sampling": {...}, "metrics": {name: {...}}}``; every metric entry holds its
-        value(s), ``num_samples``, the real count (``num_reference``) and ``seconds``
-        (which include computing reference statistics when they were not cached yet).
-        FID and FD entries carry ``few_samples``: true when either side has no more
-        images than feature dimensions (then no FewSamplesWarning is issued).
-    """
-    check_sample_metrics(run, metrics)
-    drawn = draw_for_metrics(run, num_samples, guidance, temperature, seed, batch_size, progress)
-    return score_samples(run, metrics, drawn, split, num_reference, cache_dir, progress)
-
-
 def check_sample_metrics(run: LoadedRun, metrics: Sequence[str]) -> None:
     unknown = [m for m in metrics if m not in SAMPLE_METRICS]
     if unknown:
@@ -187,7 +145,26 @@ def score_samples(
     cache_dir: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The sample metrics of drawn images (see :func:`sample_metrics`)."""
+    """Scores images drawn by :func:`draw_for_metrics`.
+
+    Arguments:
+        run: the loaded run.
+        metrics: names from :data:`SAMPLE_METRICS`.
+        drawn: the images, their labels and how they were drawn.
+        split: the real split compared with.
+        num_reference: real images behind the FID and FD statistics (None: the whole
+            split). Precision and recall use as many real images as were drawn, equal set
+            sizes as in their definition.
+        cache_dir: cache of the classifier and reference statistics.
+        progress: show tqdm bars.
+
+    Returns:
+        ``{"sampling": {...}, "metrics": {name: {...}}}``; every metric entry holds its
+        value(s), ``num_samples``, the real count (``num_reference``) and ``seconds``
+        (which include computing reference statistics when they were not cached yet).
+        FID and FD entries carry ``few_samples``: true when either side has no more
+        images than feature dimensions (then no FewSamplesWarning is issued).
+    """
     check_sample_metrics(run, metrics)
     dataset, root = run.config.data.dataset, run.config.data.root
     images, labels, num_samples = drawn.images, drawn.labels, len(drawn.images)
